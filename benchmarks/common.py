@@ -1,0 +1,43 @@
+"""Shared helpers for the benchmark scripts: timing and compiled-cost readouts."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+
+
+def compiled_stats(jitted, *args):
+    """(compiled, flops, peak bytes) of a jitted function for these arguments."""
+    compiled = jitted.lower(*args).compile()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    mem = compiled.memory_analysis()
+    peak = float("nan")
+    if mem is not None:
+        peak = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+                - mem.alias_size_in_bytes)
+    return compiled, flops, peak
+
+
+def time_steps(step, state, n_warmup=2, n_steps=7):
+    """Median seconds per call of ``state = step(*state)`` after warm-up."""
+    for _ in range(n_warmup):
+        state = step(*state)
+        jax.block_until_ready(state)
+    times = []
+    for _ in range(n_steps):
+        t0 = time.perf_counter()
+        state = step(*state)
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), state
+
+
+def fmt_table(header, rows):
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "  ".join(str(x).rjust(w) for x, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])

@@ -1,0 +1,93 @@
+"""Train-step cost of full fine-tuning vs LoRA (merged-weight path vs fast path).
+
+The reference GPT: 4 layers, d=512, mlp 2048, 8 heads, seq 128, batch 8, vocab 2048;
+LoRA r=8 on q, k, v, o, up, down; AdamW. Prints one table: median step time over the timed
+steps, the ratio to full fine-tuning, compiled FLOPs (``cost_analysis``), peak memory
+(``memory_analysis``: arguments + temporaries + outputs − aliased) and trainable parameters.
+
+    python benchmarks/train_step.py [--scan] [--steps 7] [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, os.path.dirname(__file__))
+import lora_jax  # noqa: E402
+from common import compiled_stats, fmt_table, time_steps  # noqa: E402
+from lora_jax.models.gpt import GPT, GPTConfig, loss_fn  # noqa: E402
+
+TARGETS = r".*/(q|k|v|o|up|down)/kernel"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scan", action="store_true", help="stack the layers with nn.scan")
+    ap.add_argument("--steps", type=int, default=7)
+    ap.add_argument("--small", action="store_true", help="a tiny model (smoke test)")
+    ap.add_argument("--dtype", default="float32", help="compute dtype (params stay float32)")
+    args = ap.parse_args(argv)
+    if args.small:
+        cfg = GPTConfig(vocab=128, d=64, heads=4, layers=2, mlp=128, seq=32, scan=args.scan,
+                        dtype=args.dtype)
+        batch = 2
+    else:
+        cfg = GPTConfig(scan=args.scan, dtype=args.dtype)
+        batch = 8
+    model = GPT(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (batch, cfg.seq), 0, cfg.vocab)
+    params = model.init(jax.random.key(1), tokens)
+    stack = {".*layers.*": 1} if cfg.scan else None
+    lora = lora_jax.init(params, r=8, alpha=16, targets=TARGETS, key=jax.random.key(2),
+                         stack_axes=stack)
+    tx = optax.adamw(1e-4)
+
+    def full_step(p, o, tok):
+        loss, g = jax.value_and_grad(lambda p: loss_fn(model.apply(p, tok), tok))(p)
+        upd, o = tx.update(g, o, p)
+        return optax.apply_updates(p, upd), o, tok
+
+    def make_lora_step(mode):
+        f = lora_jax.apply(model.apply, mode=mode)
+
+        def step(l, o, base, tok):
+            loss, g = jax.value_and_grad(lambda l: loss_fn(f(base, l, tok), tok))(l)
+            upd, o = tx.update(g, o, l)
+            return optax.apply_updates(l, upd), o, base, tok
+
+        return step
+
+    rows = []
+    variants = [
+        ("full fine-tuning", full_step, (params, tx.init(params), tokens), params),
+        ("LoRA merged weights", make_lora_step("merged"), (lora, tx.init(lora), params, tokens),
+         lora),
+        ("LoRA fast path", make_lora_step("fast"), (lora, tx.init(lora), params, tokens), lora),
+    ]
+    base_time = None
+    for name, step, state, trainable in variants:
+        state = jax.tree.map(jnp.copy, state)  # donation must not delete shared arrays
+        jitted = jax.jit(step, donate_argnums=(0, 1))
+        compiled, flops, peak = compiled_stats(jitted, *state)
+        t, _ = time_steps(compiled, state, n_steps=args.steps)
+        base_time = base_time or t
+        base_flops = rows[0][3] if rows else flops
+        rows.append([name, f"{t * 1e3:.1f}", f"{t / base_time:.3f}", flops,
+                     f"{flops / base_flops:.3f}", f"{peak / 2**20:.1f}",
+                     f"{lora_jax.param_count(trainable):,}"])
+    for r in rows:
+        r[3] = f"{r[3] / 1e9:.2f}"
+    print(f"backend={jax.default_backend()} devices={jax.device_count()} scan={cfg.scan} "
+          f"dtype={cfg.dtype} batch={batch} seq={cfg.seq} d={cfg.d} layers={cfg.layers}")
+    print(fmt_table(["variant", "step ms", "time/full", "GFLOPs", "flops/full", "peak MiB",
+                     "trainable"], rows))
+
+
+if __name__ == "__main__":
+    main()

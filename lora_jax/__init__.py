@@ -1,0 +1,29 @@
+"""lora_jax: LoRA, AdaLoRA and QLoRA for JAX/Flax parameter pytrees."""
+
+from lora_jax.lora import LoraWeight
+from lora_jax.lora import base_param_count
+from lora_jax.lora import init
+from lora_jax.lora import merge
+from lora_jax.lora import param_count
+from lora_jax.lora import summary
+from lora_jax.lora import unmerge
+from lora_jax.paths import Rule
+from lora_jax.transform import LoraFallbackError
+from lora_jax.transform import apply
+from lora_jax.transform import report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraFallbackError",
+    "LoraWeight",
+    "Rule",
+    "apply",
+    "base_param_count",
+    "init",
+    "merge",
+    "param_count",
+    "report",
+    "summary",
+    "unmerge",
+]

@@ -1,0 +1,175 @@
+"""The LoRA matmul: merged-weight forward, and a backward pass that never forms dW.
+
+For ``y = x · W`` with ``W = W0 + s·A·B`` (any ``dot_general`` layout):
+
+* forward: one matmul with the merged weight (merging costs r/N of a matmul);
+* backward: ``dx = dy · Wᵀ`` (the merged weight, recomputed rather than kept alive),
+  ``dA = s·xᵀ·(dy·Bᵀ)`` and ``dB = s·(x·A)ᵀ·dy``: two thin matmuls, no ``dW = xᵀ·dy``.
+
+The residuals are ``x``, the frozen base and the factors, so no weight-sized temporary
+outlives its matmul. The base never receives a cotangent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lora_jax import paths as P
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a weight view's contracted/free dims map onto the kernel's input/output axes."""
+
+    contract_in: bool  # the matmul contracts the kernel's input axes (x·W); else output (x·Wᵀ)
+    c_atoms: tuple  # kernel axes flattened into the contracted dims, in order
+    f_atoms: tuple  # kernel axes flattened into the free dims, in order
+    c_shape: tuple  # sizes of the weight view's contracted dims (dot_general order)
+    f_shape: tuple  # sizes of the weight view's free dims
+    in_axes: int
+    kernel_shape: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class DotSpec:
+    layout: Layout
+    ops: tuple  # view ops replayed on the kernel
+    w_is_lhs: bool
+    x_contract: tuple
+    params: tuple  # the original dot_general params, as sorted items
+    view_dtype: Any
+
+
+def _dot(x, w, spec: DotSpec):
+    params = dict(spec.params)
+    if spec.w_is_lhs:
+        return lax.dot_general_p.bind(w, x, **params)
+    return lax.dot_general_p.bind(x, w, **params)
+
+
+def _replay(w, ops):
+    for prim, params in ops:
+        w = prim.bind(w, **params)
+    return w
+
+
+def merged_view(base, leaf, ops) -> jax.Array:
+    """``view(W0 + s·A·B)``: the weight operand exactly as the reference model sees it."""
+    w = lax.stop_gradient(P.dense(base))
+    if leaf is not None:
+        w = (w.astype(jnp.promote_types(w.dtype, jnp.float32)) + leaf.delta()).astype(w.dtype)
+    return _replay(w, ops)
+
+
+def _factor_views(leaf, lay: Layout, dtype):
+    """``U (*c_shape, r)`` and ``V (r, *f_shape)`` with ``view(A·B) = U·V`` over r."""
+    a, b = leaf.factors()
+    ks, ia = lay.kernel_shape, lay.in_axes
+    rest_in = tuple(k for k in range(ia) if k not in lay.c_atoms + lay.f_atoms)
+    rest_out = tuple(k for k in range(ia, len(ks)) if k not in lay.c_atoms + lay.f_atoms)
+    r = a.shape[-1]
+
+    def from_a(atoms):  # A axes: kernel input axis k -> k, rank -> ia
+        return atoms + rest_in
+
+    def from_b(atoms):  # B axes: rank -> 0, kernel output axis k -> k - ia + 1
+        return tuple(k - ia + 1 for k in atoms + rest_out)
+
+    if lay.contract_in:
+        u = a.transpose(from_a(lay.c_atoms) + (ia,))
+        v = b.transpose((0,) + from_b(lay.f_atoms))
+    else:
+        u = b.transpose(from_b(lay.c_atoms) + (0,))
+        v = a.transpose((ia,) + from_a(lay.f_atoms))
+    u = u.reshape(lay.c_shape + (r,)).astype(dtype)
+    v = v.reshape((r,) + lay.f_shape).astype(dtype)
+    return u, v
+
+
+def lowrank(x, leaf, spec: DotSpec):
+    """``s · dot_general(x, view(A·B))`` computed as two thin matmuls."""
+    lay = spec.layout
+    params = dict(spec.params)
+    pet = params.get("preferred_element_type")
+    prec = params.get("precision")
+    u, v = _factor_views(leaf, lay, spec.view_dtype)
+    nc = len(lay.c_shape)
+    xu = lax.dot_general(
+        x, u, ((spec.x_contract, tuple(range(nc))), ((), ())),
+        precision=prec, preferred_element_type=pet,
+    ).astype(v.dtype)
+    if spec.w_is_lhs:
+        y = lax.dot_general(v, xu, (((0,), (xu.ndim - 1,)), ((), ())),
+                            precision=prec, preferred_element_type=pet)
+    else:
+        y = lax.dot_general(xu, v, (((xu.ndim - 1,), (0,)), ((), ())),
+                            precision=prec, preferred_element_type=pet)
+    return (leaf.scale * y).astype(y.dtype)
+
+
+def lora_dot_general(x, base, leaf, spec: DotSpec):
+    """``dot_general(x, view(W0 + s·A·B))`` with the dW-free backward pass."""
+
+    @jax.custom_vjp
+    def f(x, base, leaf):
+        return _dot(x, merged_view(base, leaf, spec.ops), spec)
+
+    def fwd(x, base, leaf):
+        return f(x, base, leaf), (x, base, leaf)
+
+    def bwd(res, dy):
+        x, base, leaf = res
+        w = merged_view(base, leaf, spec.ops)  # recomputed: no weight-sized residual
+        (dx,) = jax.linear_transpose(lambda x_: _dot(x_, w, spec), x)(dy)
+        _, vjp_l = jax.vjp(lambda l: lowrank(x, l, spec), leaf)
+        (dl,) = vjp_l(dy.astype(_out_dtype(x, spec)))
+        return dx, None, dl
+
+    f.defvjp(fwd, bwd)
+    return f(x, base, leaf)
+
+
+def _out_dtype(x, spec):
+    pet = dict(spec.params).get("preferred_element_type")
+    return pet if pet is not None else jnp.result_type(x.dtype, spec.view_dtype)
+
+
+def dropout_dot_general(x, x_dropped, base, leaf, spec: DotSpec):
+    """PEFT's unmerged form with dropout: ``x·W0 + s·drop(x)·A·B`` (no dW either)."""
+    w0 = merged_view(base, None, spec.ops)
+    y0 = _dot(x, w0, spec)
+    return y0 + lowrank(x_dropped, leaf, spec).astype(y0.dtype)
+
+
+def base_dot_general(x, base, *, ops, w_is_lhs, params):
+    """``dot_general`` with a frozen (e.g. quantized) weight, dequantized at each use.
+
+    The backward pass dequantizes again instead of keeping the dense weight alive.
+    """
+    spec_params = tuple(sorted(params.items(), key=lambda kv: kv[0]))
+
+    def dot(x, w):
+        if w_is_lhs:
+            return lax.dot_general_p.bind(w, x, **dict(spec_params))
+        return lax.dot_general_p.bind(x, w, **dict(spec_params))
+
+    @jax.custom_vjp
+    def f(x, base):
+        return dot(x, merged_view(base, None, ops))
+
+    def fwd(x, base):
+        return f(x, base), base
+
+    def bwd(base, dy):
+        w = merged_view(base, None, ops)
+        (dx,) = jax.linear_transpose(lambda x_: dot(x_, w), fwd_x_aval)(dy)
+        return dx, None
+
+    fwd_x_aval = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    f.defvjp(fwd, bwd)
+    return f(x, base)

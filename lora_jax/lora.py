@@ -1,0 +1,503 @@
+"""LoRA leaves, ``init``, ``merge`` and ``unmerge``.
+
+A LoRA tree mirrors the parameter tree, holding a :class:`LoraWeight` at every targeted path
+and nothing elsewhere. Each leaf stores the factors in the kernel's own axis layout:
+
+* ``a``: ``(*stack, *in_dims, r)``  (PEFT's ``lora_A.weight`` transposed)
+* ``b``: ``(*stack, r, *out_dims)`` (PEFT's ``lora_B.weight`` transposed)
+
+so that ``kernel + scale * tensordot(a, b, 1)`` is the adapted kernel, with
+``scale = alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA).
+
+>>> import jax, jax.numpy as jnp, lora_jax
+>>> params = {"params": {"Dense_0": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}}
+>>> lora = lora_jax.init(params, r=2, key=jax.random.key(0))
+>>> lora["params"]["Dense_0"]["kernel"].a.shape, lora["params"]["Dense_0"]["kernel"].b.shape
+((4, 2), (2, 3))
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from lora_jax import paths as P
+
+PyTree = Any
+
+
+class LowRankLeaf:
+    """What the transform needs from an adapter leaf (LoRA, AdaLoRA, ...).
+
+    A subclass is a ``flax.struct.dataclass`` whose array fields all carry the ``stack_axes``
+    leading axes, and which provides:
+
+    * ``factors() -> (A, B)`` with ``A: (*stack, *in_dims, r)`` and ``B: (*stack, r, *out_dims)``
+      such that the weight update is ``scale * tensordot(A, B, 1)`` (batched over stack axes);
+    * static ``in_axes``, ``stack_axes``, ``dropout`` and a ``scale`` property.
+    """
+
+    in_axes: int
+    stack_axes: int
+    dropout: float
+    kind = "LoRA"  # name shown by summary()
+
+    def factors(self) -> tuple[jax.Array, jax.Array]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @property
+    def scale(self) -> float:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @property
+    def r(self) -> int:
+        return self.factors()[0].shape[-1]
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        return tuple(self.factors()[0].shape[: self.stack_axes])
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.factors()[0].shape[self.stack_axes : -1])
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self.factors()[1].shape[self.stack_axes + 1 :])
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        return self.stack_shape + self.in_shape + self.out_shape
+
+    def delta(self, dtype=None) -> jax.Array:
+        """The dense weight update ``scale * A @ B`` in the kernel's shape."""
+        a, b = self.factors()
+        s = self.stack_shape
+        a2 = a.reshape(s + (math.prod(self.in_shape), a.shape[-1]))
+        b2 = b.reshape(s + (b.shape[self.stack_axes], math.prod(self.out_shape)))
+        d = (self.scale * jnp.matmul(a2, b2)).reshape(self.kernel_shape)
+        return d if dtype is None else d.astype(dtype)
+
+
+@struct.dataclass
+class LoraWeight(LowRankLeaf):
+    """A LoRA adapter for one kernel: ``delta = scale * tensordot(a, b, 1)``.
+
+    Attributes:
+      a: ``(*stack, *in_dims, r)`` factor.
+      b: ``(*stack, r, *out_dims)`` factor (zeros at init).
+      alpha: LoRA alpha (static).
+      rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r`` (static).
+      in_axes: how many kernel axes (after the stack axes) are the input (static).
+      stack_axes: leading axes that stack layers, e.g. from ``nn.scan`` (static).
+      dropout: dropout rate on the LoRA input path, as PEFT's ``lora_dropout`` (static).
+    """
+
+    a: jax.Array
+    b: jax.Array
+    alpha: float = struct.field(pytree_node=False, default=1.0)
+    rslora: bool = struct.field(pytree_node=False, default=False)
+    in_axes: int = struct.field(pytree_node=False, default=1)
+    stack_axes: int = struct.field(pytree_node=False, default=0)
+    dropout: float = struct.field(pytree_node=False, default=0.0)
+
+    def factors(self):
+        return self.a, self.b
+
+    @property
+    def scale(self) -> float:
+        r = self.a.shape[-1]
+        return self.alpha / math.sqrt(r) if self.rslora else self.alpha / r
+
+
+def is_lowrank(x: Any) -> bool:
+    """True for an adapter leaf (LoRA, AdaLoRA, ...)."""
+    return isinstance(x, LowRankLeaf)
+
+
+def leaves(lora: PyTree) -> dict[str, LowRankLeaf]:
+    """``{path: adapter leaf}`` of a LoRA tree."""
+    out = {}
+    for path, x in P.flatten(lora, is_leaf=is_lowrank):
+        if x is None:
+            continue
+        if not is_lowrank(x):
+            raise TypeError(
+                f"LoRA tree entry {path!r} is a {type(x).__name__}, expected an adapter leaf "
+                "such as lora_jax.LoraWeight"
+            )
+        out[path] = x
+    return out
+
+
+def from_leaves(items: Mapping[str, Any]) -> dict:
+    """Builds a nested-dict LoRA tree from ``{path: leaf}``."""
+    tree: dict = {}
+    for path, x in items.items():
+        node = tree
+        keys = path.split("/")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = x
+    return tree
+
+
+# ----------------------------------------------------------------------------------------
+# Target resolution
+
+
+def resolve_targets(
+    params: PyTree,
+    *,
+    r: int,
+    alpha: float | None,
+    targets: P.Pattern | None,
+    exclude: P.Pattern | None,
+    rules: Sequence[P.Rule] | None,
+    in_axes: int | Mapping[str, int] | None,
+    stack_axes: int | Mapping[str, int] | None,
+) -> dict[str, dict]:
+    """Chooses the targeted paths and their settings; raises on bad input.
+
+    Returns ``{path: dict(shape, dtype, leaf, r, alpha, in_axes, stack_axes)}``.
+    """
+    flat = P.flatten(params)
+    target_pats = P.as_patterns(targets)
+    exclude_pats = P.as_patterns(exclude)
+    rules = tuple(rules or ())
+    for pat in target_pats + exclude_pats:
+        try:
+            import re
+
+            re.compile(pat)
+        except re.error as e:
+            raise ValueError(f"target pattern {pat!r} is not a valid regex: {e}") from e
+
+    if target_pats:
+        for pat in target_pats:
+            if not any(P.matches(path, (pat,)) for path, _ in flat):
+                raise ValueError(
+                    f"target pattern {pat!r} matches no parameter; paths look like "
+                    f"{_examples(flat)}"
+                )
+        cands = [(p, x) for p, x in flat if P.matches(p, target_pats)]
+    else:
+        cands = [(p, x) for p, x in flat if P.is_default_target(p, x)]
+        if rules:
+            for rule in rules:
+                if rule.r != 0 and not any(P.matches(p, (rule.pattern,)) for p, _ in cands):
+                    raise ValueError(
+                        f"rule pattern {rule.pattern!r} matches no kernel; kernels are "
+                        f"{_examples(cands)}"
+                    )
+            cands = [(p, x) for p, x in cands if any(P.matches(p, (ru.pattern,)) for ru in rules)]
+    cands = [(p, x) for p, x in cands if not P.matches(p, exclude_pats)]
+    if not cands:
+        raise ValueError(
+            "no parameter selected for LoRA (targets="
+            f"{targets!r}, exclude={exclude!r}); paths look like {_examples(flat)}"
+        )
+
+    out = {}
+    for path, x in cands:
+        rule = next((ru for ru in rules if P.matches(path, (ru.pattern,))), None)
+        rr = r if rule is None or rule.r is None else rule.r
+        if rr == 0:
+            continue
+        aa = rule.alpha if rule is not None and rule.alpha is not None else alpha
+        aa = float(rr if aa is None else aa)
+        shape = tuple(getattr(x, "shape", ()))
+        dtype = getattr(x, "dtype", None)
+        if not P._is_float(x):
+            raise TypeError(f"LoRA target {path!r} has dtype {dtype}, expected a float kernel")
+        sa = _per_path(stack_axes, path, rule.stack_axes if rule else None, 0)
+        if len(shape) - sa < 2:
+            raise ValueError(
+                f"LoRA target {path!r} has shape {shape} ({sa} stack axes), expected a kernel "
+                "with at least two axes"
+            )
+        ia = _per_path(in_axes, path, rule.in_axes if rule else None, None)
+        if ia is None:
+            ia = P.default_in_axes(path, shape, sa)
+        core = shape[sa:]
+        if not 1 <= ia < len(core):
+            raise ValueError(
+                f"LoRA target {path!r}: in_axes={ia} does not split kernel shape {core} into "
+                "input and output axes"
+            )
+        n_in, n_out = math.prod(core[:ia]), math.prod(core[ia:])
+        if not isinstance(rr, int) or rr < 1 or rr > min(n_in, n_out):
+            raise ValueError(
+                f"LoRA target {path!r}: rank r={rr} must be between 1 and min(in, out) = "
+                f"min({n_in}, {n_out}) = {min(n_in, n_out)}"
+            )
+        _check_finite(path, x)
+        out[path] = dict(leaf=x, shape=shape, r=rr, alpha=aa, in_axes=ia, stack_axes=sa)
+    if not out:
+        raise ValueError("every selected parameter has rank 0: no LoRA target left")
+    return out
+
+
+def _per_path(arg, path, rule_value, default):
+    if rule_value is not None:
+        return rule_value
+    if arg is None:
+        return default
+    if isinstance(arg, int):
+        return arg
+    for pat, v in arg.items():
+        if P.matches(path, (pat,)):
+            return v
+    return default
+
+
+def _examples(flat, n=4) -> str:
+    names = [p for p, _ in flat[:n]]
+    return repr(names) + (" ..." if len(flat) > n else "")
+
+
+def _check_finite(path: str, x: Any) -> None:
+    if P.is_base_leaf(x) or isinstance(x, jax.core.Tracer):
+        return
+    arr = np.asarray(x, dtype=np.float32) if "bfloat16" in str(x.dtype) else np.asarray(x)
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise ValueError(f"base parameter {path!r} contains {bad} NaN/Inf values")
+
+
+# ----------------------------------------------------------------------------------------
+# init
+
+
+INIT_SCHEMES = ("default", "gaussian", "pissa", "zeros")
+
+
+def init(
+    params: PyTree,
+    r: int = 8,
+    *,
+    key: jax.Array,
+    alpha: float | None = None,
+    targets: P.Pattern | None = None,
+    exclude: P.Pattern | None = None,
+    rules: Sequence[P.Rule] | None = None,
+    init: str = "default",
+    rslora: bool = False,
+    dtype=jnp.float32,
+    in_axes: int | Mapping[str, int] | None = None,
+    stack_axes: int | Mapping[str, int] | None = None,
+    dropout: float = 0.0,
+) -> dict:
+    """Creates a LoRA tree for ``params``.
+
+    Args:
+      params: a parameter pytree (Linen variables, NNX ``State``, or any nested dict).
+      r: default rank.
+      key: a PRNG key; each leaf uses ``fold_in(key, crc32(path))``.
+      alpha: default LoRA alpha; ``None`` means ``alpha = r`` (scale 1).
+      targets: regex or list of regexes (``re.fullmatch`` over '/'-joined paths) choosing the
+        adapted parameters. Default: every float kernel with two or more axes.
+      exclude: regex or list of regexes removed from the targets.
+      rules: :class:`Rule` list with per-module rank/alpha; the first matching rule wins.
+        Without ``targets``, only kernels matched by some rule are adapted.
+      init: ``"default"`` (PEFT: A kaiming-uniform with a=sqrt(5), B zeros), ``"gaussian"``
+        (PEFT: A ~ N(0, (1/r)^2), B zeros), ``"pissa"`` (A, B from the top-r SVD of the
+        kernel; use ``unmerge(params, lora)`` as the frozen base so the model is unchanged),
+        or ``"zeros"`` (both zero; for tests and loading).
+      rslora: scale by ``alpha/sqrt(r)`` instead of ``alpha/r``.
+      dtype: dtype of the factors (float32 by default, whatever the base dtype).
+      in_axes: number of leading kernel axes that are the input, as an int or
+        ``{regex: int}``; defaults follow Flax (see :func:`lora_jax.paths.default_in_axes`).
+      stack_axes: leading axes that stack layers (``nn.scan`` params), int or ``{regex: int}``.
+      dropout: PEFT's ``lora_dropout`` on the LoRA input path (needs ``lora_rng`` at apply).
+
+    Returns:
+      A nested dict with a :class:`LoraWeight` at every targeted path.
+
+    Raises:
+      ValueError: a pattern matches nothing, a rank exceeds ``min(in, out)``, a kernel has
+        NaN/Inf, or an unknown init scheme. TypeError: a non-float target.
+
+    >>> import jax, jax.numpy as jnp, lora_jax
+    >>> p = {"attn": {"q": {"kernel": jnp.ones((8, 8))}}, "mlp": {"kernel": jnp.ones((8, 4))}}
+    >>> lora = lora_jax.init(p, key=jax.random.key(0),
+    ...                      rules=[lora_jax.Rule(pattern=".*attn.*", r=4, alpha=8)])
+    >>> sorted(lora_jax.lora.leaves(lora)), lora["attn"]["q"]["kernel"].scale
+    (['attn/q/kernel'], 2.0)
+    """
+    if init not in INIT_SCHEMES:
+        raise ValueError(f"unknown init scheme {init!r}; expected one of {INIT_SCHEMES}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    spec = resolve_targets(
+        params, r=r, alpha=alpha, targets=targets, exclude=exclude, rules=rules,
+        in_axes=in_axes, stack_axes=stack_axes,
+    )
+    out = {}
+    for path, s in spec.items():
+        k = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+        out[path] = _init_leaf(k, s, init, rslora, dtype, dropout, path)
+    return from_leaves(out)
+
+
+def _init_leaf(key, s, scheme, rslora, dtype, dropout, path) -> LoraWeight:
+    shape, rr, ia, sa = s["shape"], s["r"], s["in_axes"], s["stack_axes"]
+    stack, core = shape[:sa], shape[sa:]
+    in_dims, out_dims = core[:ia], core[ia:]
+    n_in, n_out = math.prod(in_dims), math.prod(out_dims)
+    a_shape, b_shape = stack + in_dims + (rr,), stack + (rr,) + out_dims
+    meta = dict(alpha=s["alpha"], rslora=rslora, in_axes=ia, stack_axes=sa, dropout=dropout)
+    if scheme == "default":
+        # torch kaiming_uniform_(a=sqrt(5)) on lora_A (r, in): bound = 1/sqrt(fan_in).
+        bound = 1.0 / math.sqrt(n_in)
+        a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
+        b = jnp.zeros(b_shape, dtype)
+    elif scheme == "gaussian":
+        a = jax.random.normal(key, a_shape, dtype) / rr  # PEFT: normal_(std=1/r)
+        b = jnp.zeros(b_shape, dtype)
+    elif scheme == "zeros":
+        a, b = jnp.zeros(a_shape, dtype), jnp.zeros(b_shape, dtype)
+    else:  # pissa (Meng et al. 2024; PEFT init_lora_weights="pissa")
+        w = P.dense(s["leaf"], jnp.float32).reshape(stack + (n_in, n_out))
+        u, sv, vt = jnp.linalg.svd(w, full_matrices=False)
+        tmp = LoraWeight(a=jnp.zeros(a_shape), b=jnp.zeros(b_shape), **meta)
+        root = jnp.sqrt(sv[..., :rr] / tmp.scale)
+        a = (u[..., :, :rr] * root[..., None, :]).reshape(a_shape).astype(dtype)
+        b = (root[..., :, None] * vt[..., :rr, :]).reshape(b_shape).astype(dtype)
+    return LoraWeight(a=a, b=b, **meta)
+
+
+# ----------------------------------------------------------------------------------------
+# merge / unmerge
+
+
+def check_fits(base: PyTree, lora: PyTree) -> dict[str, Any]:
+    """Checks that ``lora`` fits ``base``; returns ``{path: base leaf}`` of the targets.
+
+    Raises:
+      ValueError: a LoRA path missing from the base, or a factor shape that does not fit
+        the kernel.
+    """
+    base_flat = dict(P.flatten(base))
+    out = {}
+    for path, leaf in leaves(lora).items():
+        if path not in base_flat:
+            near = [p for p in base_flat if p.rsplit("/", 1)[-1] == path.rsplit("/", 1)[-1]]
+            raise ValueError(
+                f"LoRA tree has {path!r}, which the base tree lacks"
+                + (f"; base has e.g. {near[:3]}" if near else "")
+            )
+        w = base_flat[path]
+        wshape = tuple(getattr(w, "shape", ()))
+        if wshape != leaf.kernel_shape:
+            raise ValueError(
+                f"LoRA factors at {path!r} fit a kernel of shape {leaf.kernel_shape} "
+                f"(a {tuple(leaf.factors()[0].shape)}, b {tuple(leaf.factors()[1].shape)}), "
+                f"but the base kernel has shape {wshape}"
+            )
+        out[path] = w
+    return out
+
+
+def merge(base: PyTree, lora: PyTree, *, dtype=None) -> PyTree:
+    """``base`` with every targeted kernel replaced by ``kernel + scale * A @ B``.
+
+    Quantized base leaves are dequantized (to ``dtype``, default their original dtype);
+    merged kernels keep the base dtype unless ``dtype`` is given.
+
+    >>> import jax, jax.numpy as jnp, lora_jax
+    >>> p = {"kernel": jnp.ones((4, 3))}
+    >>> lora = lora_jax.init(p, r=2, key=jax.random.key(0))
+    >>> bool(jnp.allclose(lora_jax.merge(p, lora)["kernel"], 1.0))   # B = 0 at init
+    True
+    """
+    targets = check_fits(base, lora)
+    lmap = leaves(lora)
+
+    def f(path, w):
+        if path in targets:
+            wd = P.dense(w)
+            out_dtype = dtype or wd.dtype
+            return (wd.astype(jnp.promote_types(wd.dtype, jnp.float32)) + lmap[path].delta()).astype(
+                out_dtype
+            )
+        if P.is_base_leaf(w):
+            return P.dense(w, dtype)
+        return w
+
+    return P.map_with_path(f, base)
+
+
+def unmerge(merged: PyTree, lora: PyTree) -> PyTree:
+    """Inverse of :func:`merge`: ``kernel - scale * A @ B`` at every targeted path.
+
+    Also gives PiSSA's residual base: ``base = unmerge(params, init(params, init="pissa"))``.
+    """
+    targets = check_fits(merged, lora)
+    lmap = leaves(lora)
+
+    def f(path, w):
+        if path in targets:
+            wd = P.dense(w)
+            return (wd.astype(jnp.promote_types(wd.dtype, jnp.float32)) - lmap[path].delta()).astype(
+                wd.dtype
+            )
+        return w
+
+    return P.map_with_path(f, merged)
+
+
+# ----------------------------------------------------------------------------------------
+# Counting and summaries
+
+
+def param_count(lora: PyTree) -> int:
+    """Number of trainable adapter parameters (array elements) in a LoRA tree."""
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(lora)))
+
+
+def base_param_count(params: PyTree) -> int:
+    """Number of parameters in a base tree (quantized leaves count their logical size)."""
+    return int(sum(math.prod(getattr(x, "shape", ())) for _, x in P.flatten(params)))
+
+
+def summary(lora: PyTree, base: PyTree | None = None, *, verbose: bool = False) -> str:
+    """A one-line summary for logs: trainable params, % of base, modules and ranks.
+
+    With ``verbose=True`` a line per module follows.
+
+    >>> import jax, jax.numpy as jnp, lora_jax
+    >>> p = {"a": {"kernel": jnp.ones((16, 16))}, "b": {"kernel": jnp.ones((16, 8))}}
+    >>> lora_jax.summary(lora_jax.init(p, r=2, key=jax.random.key(0)), p)
+    'LoRA: 112 trainable params (29.17% of 384 base) in 2 modules, r=2 x2, scale 1'
+    """
+    lmap = leaves(lora)
+    n = param_count(lora)
+    head = f"{next(iter(lmap.values())).kind}: " if lmap else ""
+    parts = [f"{head}{n:,} trainable params"]
+    if base is not None:
+        nb = base_param_count(base)
+        parts[0] += f" ({100.0 * n / max(nb, 1):.2f}% of {nb:,} base)"
+    counts: dict[int, int] = {}
+    scales = set()
+    for leaf in lmap.values():
+        counts[leaf.r] = counts.get(leaf.r, 0) + 1
+        scales.add(float(leaf.scale))
+    ranks = ", ".join(f"r={r} x{c}" for r, c in sorted(counts.items(), reverse=True))
+    sc = ", ".join(f"{s:g}" for s in sorted(scales))
+    line = f"{parts[0]} in {len(lmap)} modules, {ranks}, scale {sc}"
+    if verbose:
+        rows = [line] + [
+            f"  {p}: r={x.r} kernel {x.kernel_shape} scale {x.scale:g} params "
+            f"{sum(math.prod(a.shape) for a in jax.tree.leaves(x)):,}"
+            for p, x in lmap.items()
+        ]
+        return "\n".join(rows)
+    return line

@@ -1,0 +1,172 @@
+"""Parameter paths and target selection.
+
+A parameter's *path* is its position in the pytree written as '/'-joined keys, e.g.
+``"params/Dense_0/kernel"``. NNX ``State`` trees wrap each array in a ``Variable`` whose
+``.value`` attribute is dropped from the path, so an NNX kernel reads ``"l1/kernel"``.
+Targets are regular expressions matched with ``re.fullmatch`` against these paths.
+
+>>> import jax.numpy as jnp
+>>> tree = {"params": {"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)}}}
+>>> [p for p, _ in flatten(tree)]
+['params/Dense_0/bias', 'params/Dense_0/kernel']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+PyTree = Any
+Pattern = str | Sequence[str]
+
+# Leaf types that the core must treat as single parameters even though they are pytree nodes
+# (a quantized base weight, for instance). Modules register their types here, so that the core
+# never imports them by name.
+_BASE_LEAF_TYPES: list[type] = []
+
+
+def register_base_leaf(cls: type) -> type:
+    """Registers a pytree-node type that stands for one (frozen) base parameter.
+
+    The type must provide ``shape``, ``dtype`` and ``dequantize(dtype=None) -> jax.Array``.
+    """
+    if cls not in _BASE_LEAF_TYPES:
+        _BASE_LEAF_TYPES.append(cls)
+    return cls
+
+
+def is_base_leaf(x: Any) -> bool:
+    """True for a registered base-leaf object (e.g. a ``QuantizedArray``)."""
+    return isinstance(x, tuple(_BASE_LEAF_TYPES))
+
+
+def dense(x: Any, dtype=None) -> jax.Array:
+    """A base parameter as a dense array (dequantizing registered base leaves)."""
+    if is_base_leaf(x):
+        return x.dequantize(dtype)
+    return x if dtype is None else x.astype(dtype)
+
+
+def key_str(k: Any) -> str | None:
+    """One path entry as text; ``None`` for entries that are dropped (NNX ``.value``)."""
+    if isinstance(k, jax.tree_util.DictKey):
+        return str(k.key)
+    if isinstance(k, jax.tree_util.GetAttrKey):
+        return None if k.name == "value" else k.name
+    if isinstance(k, jax.tree_util.SequenceKey):
+        return str(k.idx)
+    if isinstance(k, jax.tree_util.FlattenedIndexKey):
+        return str(k.key)
+    return str(k)
+
+
+def path_str(keypath: Sequence[Any]) -> str:
+    """'/'-joined text form of a jax key path."""
+    return "/".join(s for s in (key_str(k) for k in keypath) if s is not None)
+
+
+def flatten(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[str, Any]]:
+    """``(path, leaf)`` pairs of a tree; registered base leaves count as leaves."""
+
+    def leaf(x):
+        return is_base_leaf(x) or (is_leaf is not None and is_leaf(x))
+
+    pairs, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=leaf)
+    return [(path_str(p), x) for p, x in pairs]
+
+
+def map_with_path(fn: Callable[[str, Any], Any], tree: PyTree) -> PyTree:
+    """``jax.tree.map`` with the leaf's path string as first argument."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: fn(path_str(p), x), tree, is_leaf=is_base_leaf
+    )
+
+
+def as_patterns(p: Pattern | None) -> tuple[str, ...]:
+    """Normalises a pattern argument (one regex or a list of them) to a tuple."""
+    if p is None:
+        return ()
+    if isinstance(p, str):
+        return (p,)
+    return tuple(p)
+
+
+def matches(path: str, patterns: Iterable[str]) -> bool:
+    return any(re.fullmatch(p, path) for p in patterns)
+
+
+def is_default_target(path: str, x: Any) -> bool:
+    """The default target: every floating kernel with two or more axes.
+
+    That is Dense, DenseGeneral, Einsum and Conv kernels, and never embeddings, biases or
+    norm scales.
+    """
+    leaf_name = path.rsplit("/", 1)[-1]
+    shape = getattr(x, "shape", ())
+    return leaf_name == "kernel" and len(shape) >= 2 and _is_float(x)
+
+
+def _is_float(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and np.issubdtype(np.dtype(dtype), np.floating) or (
+        dtype is not None and "bfloat16" in str(dtype)
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rule:
+    """Per-module LoRA settings (PEFT's ``rank_pattern``/``alpha_pattern``).
+
+    Rules are tried in order and the first whose ``pattern`` fully matches a parameter path
+    decides that parameter's settings. Unset fields (``None``) fall back to the arguments of
+    :func:`lora_jax.init`.
+
+    Attributes:
+      pattern: regex matched with ``re.fullmatch`` against the '/'-joined path of each
+        candidate target (by default every float kernel with two or more axes).
+      r: rank; ``0`` excludes the matched parameters.
+      alpha: LoRA alpha (scaling alpha/r, or alpha/sqrt(r) with rslora).
+      in_axes: how many leading (non-stacked) kernel axes are the input.
+      stack_axes: leading axes that stack layers (``nn.scan``/``nn.vmap``), LoRA per slice.
+
+    >>> Rule(pattern=r".*attn.*", r=16, alpha=32)
+    Rule(pattern='.*attn.*', r=16, alpha=32, in_axes=None, stack_axes=None)
+    """
+
+    pattern: str
+    r: int | None = None
+    alpha: float | None = None
+    in_axes: int | None = None
+    stack_axes: int | None = None
+
+    def __post_init__(self):
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ValueError(f"Rule pattern {self.pattern!r} is not a valid regex: {e}") from e
+        if self.r is not None and (not isinstance(self.r, int) or self.r < 0):
+            raise ValueError(f"Rule {self.pattern!r}: r must be a non-negative int, got {self.r!r}")
+
+
+def default_in_axes(path: str, shape: Sequence[int], stack_axes: int = 0) -> int:
+    """Flax's conventions for how many leading kernel axes are the input.
+
+    * 2-D kernels (Dense, Embed-like): 1.
+    * Conv kernels (a module name containing "conv"): all but the last (the output channels).
+    * Attention output projections (module "out", "o", "o_proj", "out_proj", "wo"): all but the
+      last, as in ``nn.MultiHeadDotProductAttention`` whose ``out`` kernel is (heads, head_dim, d).
+    * Otherwise 1 (DenseGeneral with ``axis=-1``: (in, *features)).
+    """
+    ndim = len(shape) - stack_axes
+    if ndim <= 2:
+        return 1
+    parts = path.split("/")
+    module = parts[-2].lower() if len(parts) >= 2 else ""
+    if "conv" in module or module in ("out", "o", "o_proj", "out_proj", "wo", "proj_out"):
+        return ndim - 1
+    return 1
