@@ -8,6 +8,10 @@ from lora_jax.lora import param_count
 from lora_jax.lora import summary
 from lora_jax.lora import unmerge
 from lora_jax.paths import Rule
+from lora_jax.train import combine
+from lora_jax.train import optimizer
+from lora_jax.train import split
+from lora_jax.train import trainable_mask
 from lora_jax.transform import LoraFallbackError
 from lora_jax.transform import apply
 from lora_jax.transform import report
@@ -20,10 +24,14 @@ __all__ = [
     "Rule",
     "apply",
     "base_param_count",
+    "combine",
     "init",
     "merge",
+    "optimizer",
     "param_count",
     "report",
+    "split",
     "summary",
+    "trainable_mask",
     "unmerge",
 ]
