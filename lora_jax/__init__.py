@@ -1,5 +1,6 @@
 """lora_jax: LoRA, AdaLoRA and QLoRA for JAX/Flax parameter pytrees."""
 
+from lora_jax import adalora
 from lora_jax.lora import LoraWeight
 from lora_jax.lora import base_param_count
 from lora_jax.lora import init
@@ -8,6 +9,13 @@ from lora_jax.lora import param_count
 from lora_jax.lora import summary
 from lora_jax.lora import unmerge
 from lora_jax.paths import Rule
+from lora_jax.quant import FORMATS
+from lora_jax.quant import QuantizedArray
+from lora_jax.quant import dequantize_tree
+from lora_jax.quant import is_quantized
+from lora_jax.quant import quantize
+from lora_jax.quant import quantize_array
+from lora_jax.quant import quantized_bytes
 from lora_jax.train import combine
 from lora_jax.train import optimizer
 from lora_jax.train import split
@@ -19,16 +27,24 @@ from lora_jax.transform import report
 __version__ = "0.1.0"
 
 __all__ = [
+    "FORMATS",
     "LoraFallbackError",
     "LoraWeight",
+    "QuantizedArray",
     "Rule",
+    "adalora",
     "apply",
     "base_param_count",
     "combine",
+    "dequantize_tree",
     "init",
+    "is_quantized",
     "merge",
     "optimizer",
     "param_count",
+    "quantize",
+    "quantize_array",
+    "quantized_bytes",
     "report",
     "split",
     "summary",

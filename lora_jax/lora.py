@@ -357,10 +357,11 @@ def _init_leaf(key, s, scheme, rslora, dtype, dropout, path) -> LoraWeight:
     if scheme == "default":
         # torch kaiming_uniform_(a=sqrt(5)) on lora_A (r, in): bound = 1/sqrt(fan_in).
         bound = 1.0 / math.sqrt(n_in)
-        a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
+        # Drawn flat, then reshaped: one compiled sampler per size, not per shape.
+        a = jax.random.uniform(key, (math.prod(a_shape),), dtype, -bound, bound).reshape(a_shape)
         b = jnp.zeros(b_shape, dtype)
     elif scheme == "gaussian":
-        a = jax.random.normal(key, a_shape, dtype) / rr  # PEFT: normal_(std=1/r)
+        a = jax.random.normal(key, (math.prod(a_shape),), dtype).reshape(a_shape) / rr  # PEFT
         b = jnp.zeros(b_shape, dtype)
     elif scheme == "zeros":
         a, b = jnp.zeros(a_shape, dtype), jnp.zeros(b_shape, dtype)

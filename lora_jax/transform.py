@@ -524,12 +524,18 @@ def trainable_base_paths(
     if bias not in ("none", "lora_only", "all"):
         raise ValueError(f"bias must be 'none', 'lora_only' or 'all', got {bias!r}")
     pats = P.as_patterns(modules_to_save)
-    mods = {p.rsplit("/", 1)[0] for p in L.leaves(lora)}
+    lora_paths = set(L.leaves(lora))
+    mods = {p.rsplit("/", 1)[0] for p in lora_paths}
     out = set()
     for path, _ in P.flatten(base):
         parent, _, name = path.rpartition("/")
-        if pats and (P.matches(path, pats) or any(P.matches(parent, (q,)) for q in pats)
-                     or any(P.matches(path[: i], pats) for i in _prefix_cuts(path))):
+        if pats and (P.matches(path, pats) or any(P.matches(path[:i], pats)
+                                                  for i in _prefix_cuts(path))):
+            if path in lora_paths:
+                raise ValueError(
+                    f"{path!r} is both a LoRA target and in modules_to_save; exclude it from "
+                    "the LoRA targets to train it in full"
+                )
             out.add(path)
         elif name == "bias" and (bias == "all" or (bias == "lora_only" and parent in mods)):
             out.add(path)

@@ -181,13 +181,14 @@ def test_bf16_compute_with_float32_params():
     assert jax.tree.leaves(params)[0].dtype == jnp.float32
     f = lora_jax.apply(model.apply)
     out = jax.jit(f)(params, lora, TOK)
-    ref = model.apply(lora_jax.merge(params, lora), TOK)
+    ref = jax.jit(model.apply)(lora_jax.merge(params, lora), TOK)
     assert max_rel_err(out, ref) < 2e-2
-    g = jax.grad(lambda l: loss_fn(f(params, l, TOK), TOK))(lora)
+    g = jax.jit(jax.grad(lambda l: loss_fn(f(params, l, TOK), TOK)))(lora)
     # Reference: the float32 model; the bar: the plain bf16 merged model's own error.
-    g32 = jax.grad(lambda l: loss_fn(GPT(GPTConfig(**SMALL)).apply(
-        lora_jax.merge(params, l), TOK), TOK))(lora)
-    g16 = jax.grad(lambda l: loss_fn(model.apply(lora_jax.merge(params, l), TOK), TOK))(lora)
+    g32 = jax.jit(jax.grad(lambda l: loss_fn(GPT(GPTConfig(**SMALL)).apply(
+        lora_jax.merge(params, l), TOK), TOK)))(lora)
+    g16 = jax.jit(jax.grad(lambda l: loss_fn(model.apply(lora_jax.merge(params, l), TOK),
+                                             TOK)))(lora)
     for a, b, c in zip(*map(jax.tree.leaves, (g, g32, g16))):
         err_fast = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
         err_merged = float(jnp.linalg.norm(c - b) / jnp.linalg.norm(b))

@@ -1,0 +1,529 @@
+"""Quantized base weights for QLoRA: NF4, FP4, int4 and int8 block quantization.
+
+A :class:`QuantizedArray` is a pytree leaf holding packed codes and per-block scales. NF4 and
+FP4 follow bitsandbytes 0.50 byte for byte on float32 input (``quantize_4bit`` of its default
+backend, ``compress_statistics`` for double quantization):
+
+- blocks of ``block_size`` over the row-major flattened tensor, ``absmax`` per block in fp32;
+- ``scaled = clamp(x * (1 / absmax), -1, 1)`` (a multiplication by the reciprocal), except in a
+  last partial block, which divides by its absmax (clamped to 1e-38);
+- the code index is ``bucketize`` over the midpoints of the sorted code (a value exactly on a
+  midpoint takes the lower code); element 2i goes to the high nibble, an odd count is padded
+  with the code of 0.0;
+- double quantization: ``offset = mean(absmax)`` summed in PyTorch's float32 order (its AVX2
+  CPU kernel), ``absmax - offset`` quantized in blocks of 256 to the signed 8-bit dynamic map
+  through the 65,536-entry lookup grid of bitsandbytes' C++ CPU ``quantize_blockwise``.
+
+Known limits of the match: PyTorch splits sums of 32,768 values or more across threads, so for
+tensors of 2M+ elements (block 64) the offset's last bit, and rarely an absmax code, depend on
+PyTorch's thread count; XLA flushes subnormal floats to zero, so blocks whose absmax is
+subnormal (below 1.2e-38) quantize to zero. bf16/f16/f64 inputs are cast to float32 first, as
+bitsandbytes does. "int4" (codes -7..7, stored as nibble code + 8, value ``code / 7 * absmax``)
+and "int8" (codes -127..127, one signed byte each, value ``code / 127 * absmax``) are this
+library's symmetric formats, scaled like the 4-bit codes and optionally double quantized too.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from lora_jax import paths as _paths
+
+FORMATS = ("nf4", "fp4", "int4", "int8")
+_F32 = np.float32
+_DQ_BLOCK = 256  # bitsandbytes quantizes the absmax in blocks of 256
+
+# bitsandbytes functional.get_4bit_type; index = stored 4-bit code. FP4's entry 8 is +0.0:
+# bitsandbytes writes it as the Python int `-0`.
+_CODES = {
+    "nf4": np.array(
+        [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+         -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+         0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+         0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], _F32),
+    "fp4": np.array([0, 0.0625, 8, 12, 4, 6, 2, 3, 0, -0.0625, -8, -12, -4, -6, -2, -3], _F32)
+    / _F32(12),
+    "int4": np.arange(-8, 8, dtype=_F32) / _F32(7),  # code 0 (-8/7) is never produced
+    "int8": np.arange(-128, 128, dtype=_F32) / _F32(127),  # indexed by code + 128
+}
+
+
+@struct.dataclass
+class QuantizedArray:
+    """A block-quantized array: packed codes plus per-block absmax, a pytree leaf kind.
+
+    Array fields are pytree children; the rest is static metadata (hashable), so a change of
+    format or block size is a new trace.
+
+    Attributes:
+      codes: uint8 with two 4-bit codes per byte (element 2i in the high nibble), or int8 with
+        one code per byte for "int8".
+      absmax: float32 absmax per block; with double quantization, its uint8 8-bit codes.
+      absmax2: float32 absmax of each 256 (absmax - offset) values, or None.
+      offset: float32 scalar mean of the absmax, or None.
+      shape: the original shape.
+      dtype_name: the original dtype's name.
+      block_size: elements per block.
+      format: "nf4", "fp4", "int4" or "int8".
+      double_quant: whether ``absmax`` is itself quantized.
+    """
+
+    codes: jax.Array
+    absmax: jax.Array
+    absmax2: jax.Array | None
+    offset: jax.Array | None
+    shape: tuple[int, ...] = struct.field(pytree_node=False)
+    dtype_name: str = struct.field(pytree_node=False)
+    block_size: int = struct.field(pytree_node=False)
+    format: str = struct.field(pytree_node=False)
+    double_quant: bool = struct.field(pytree_node=False)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The original (and default dequantized) dtype."""
+        return jnp.dtype(self.dtype_name)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored arrays (codes, scales, second-level scales, offset)."""
+        arrays = (self.codes, self.absmax, self.absmax2, self.offset)
+        return sum(a.size * jnp.dtype(a.dtype).itemsize for a in arrays if a is not None)
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        """The dense array, in ``dtype`` (default: the original dtype); jittable.
+
+        Args:
+          dtype: output dtype; values are computed in float32 and then cast, as bitsandbytes.
+
+        Returns:
+          An array of the original shape.
+
+        >>> q = quantize_array(jnp.linspace(-1.0, 1.0, 64), "nf4")
+        >>> q.dequantize().shape, str(q.dequantize("bfloat16").dtype)
+        ((64,), 'bfloat16')
+        """
+        out = jnp.dtype(self.dtype if dtype is None else dtype).name
+        return _dequantize(self.codes, self.absmax, self.absmax2, self.offset, shape=self.shape,
+                           fmt=self.format, block_size=self.block_size, dtype=out)
+
+    def __repr__(self) -> str:
+        dq = ", double_quant" if self.double_quant else ""
+        return (f"QuantizedArray({self.format}, shape={self.shape}, dtype={self.dtype_name}, "
+                f"block_size={self.block_size}{dq})")
+
+
+_paths.register_base_leaf(QuantizedArray)
+
+
+def is_quantized(x: Any) -> bool:
+    """True for a :class:`QuantizedArray`.
+
+    >>> is_quantized(quantize_array(jnp.ones((4, 16)))), is_quantized(jnp.ones(3))
+    (True, False)
+    """
+    return isinstance(x, QuantizedArray)
+
+
+# ---------------------------------------------------------------------------------------------
+# Constants reproduced from bitsandbytes / PyTorch (computed once, in numpy).
+
+
+def _bounds(fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    """Midpoints of the sorted code and the sort order (bnb ``_get_4bit_quantize_bounds``)."""
+    code = _CODES[fmt]
+    order = np.argsort(code, kind="stable")  # FP4's two zeros keep index order: 0, then 8
+    return (code[order[:-1]] + code[order[1:]]) / _F32(2), order.astype(np.uint8)
+
+
+def _torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
+    """``torch.linspace`` in float32 as PyTorch's CPU kernel computes it.
+
+    The kernel is ``start + step * i`` for the first half and ``end - step * (steps - i - 1)``
+    for the second; its AVX2 build contracts both to FMAs (one rounding), which float64 reproduces
+    exactly here because the products and sums fit in 53 bits.
+    """
+    start, end = _F32(start), _F32(end)
+    step = np.float64((end - start) / _F32(steps - 1))
+    i = np.arange(steps)
+    values = np.where(i < steps // 2, np.float64(start) + step * i,
+                      np.float64(end) - step * (steps - 1 - i))
+    return values.astype(_F32)
+
+
+@functools.cache
+def _dynamic_map() -> np.ndarray:
+    """The signed 8-bit dynamic map, as bnb ``create_dynamic_map(signed=True)`` builds it."""
+    parts = [np.array([0.0, 1.0], _F32)]
+    for i in range(7):  # 7 exponent levels; level i has 2**i fraction values per sign
+        bounds = _torch_linspace(0.1, 1.0, 2**i + 1)
+        means = (bounds[:-1] + bounds[1:]) / _F32(2)
+        scale = _F32(10.0 ** (i - 6))
+        parts += [scale * means, -scale * means]
+    return np.sort(np.concatenate(parts))
+
+
+def _to_ordered(v: np.ndarray) -> np.ndarray:
+    bits = np.asarray(v, _F32).view(np.int32).astype(np.int64)
+    return np.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+
+
+def _from_ordered(o: np.ndarray) -> np.ndarray:
+    bits = np.where(o < 0, (-o) | 0x80000000, o)
+    return bits.astype(np.uint32).view(_F32)
+
+
+def _grid_index(v: np.ndarray) -> np.ndarray:
+    """bnb C++ ``norm_to_lut_index``: (v + 1) * 0.5 * 65535 + 0.5, truncated.
+
+    Computed here with the last multiply-add as one FMA; without the FMA the 255 thresholds
+    below come out the same.
+    """
+    t = (np.clip(v, _F32(-1), _F32(1)) + _F32(1)) * _F32(0.5)
+    return (t.astype(np.float64) * 65535.0 + 0.5).astype(_F32).astype(np.int64)
+
+
+@functools.cache
+def _dynamic_thresholds() -> np.ndarray:
+    """``T[k-1]`` = the smallest float32 that bnb's C++ CPU kernel maps to code >= k.
+
+    That kernel rounds a scaled value to one of 65,536 grid points over [-1, 1] and looks the
+    code up in a table built by walking the midpoints of the map (``midpoint < grid value``
+    moves to the next code). Both steps are monotone, so the code of any float32 ``s`` is
+    ``searchsorted(T, s, side="right")``: exact, and cheap to evaluate in XLA.
+    """
+    code = _dynamic_map()
+    midpoints = _F32(0.5) * (code[:-1] + code[1:])
+    grid = _F32(-1) + (_F32(2) * np.arange(65536, dtype=_F32)) / _F32(65535)
+    table = np.searchsorted(midpoints, grid, side="left")
+    first = np.searchsorted(table, np.arange(1, 256), side="left")  # first grid point of code k
+    lo = np.full(255, _to_ordered(_F32(-1)))
+    hi = np.full(255, _to_ordered(_F32(1)))
+    while np.any(lo < hi):  # bisection over the float32 values in [-1, 1]
+        mid = lo + (hi - lo) // 2
+        ok = _grid_index(_from_ordered(mid)) >= first
+        hi, lo = np.where(ok, mid, hi), np.where(ok, lo, mid + 1)
+    return _from_ordered(lo)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels (pure jnp, static shapes).
+
+
+def _seqsum(a: jax.Array) -> jax.Array:
+    """Left-to-right float32 sum over axis 0 (XLA keeps the order of explicit adds)."""
+    if a.shape[0] == 0:
+        return jnp.zeros(a.shape[1:], a.dtype)
+    if a.shape[0] <= 64:
+        return functools.reduce(lambda s, r: s + r, [a[i] for i in range(1, a.shape[0])], a[0])
+    return jax.lax.scan(lambda s, r: (s + r, None), a[0], a[1:])[0]
+
+
+def _row_sum(x: jax.Array) -> jax.Array:
+    """ATen ``row_sum`` (SumKernel.cpp) over the rows of ``x``: 4 interleaved cascaded sums."""
+    size, lanes = x.shape
+    n_ilp = size // 4
+    acc = x[: n_ilp * 4].reshape(n_ilp, 4 * lanes)
+    # multi_row_sum: chunks of `step` rows are summed, chunk sums in groups of `step`, and so on
+    # for 4 levels; what is left at each level is added at the end, lowest level first.
+    power = max(4, (1 if n_ilp <= 2 else (n_ilp - 1).bit_length()) // 4)
+    step, leftovers = 1 << power, []
+    for _ in range(3):
+        m = acc.shape[0] // step
+        leftovers.append(_seqsum(acc[m * step:]))
+        acc = _seqsum(jnp.moveaxis(acc[: m * step].reshape(m, step, 4 * lanes), 1, 0))
+    partial = _seqsum(jnp.stack(leftovers + [_seqsum(acc)])).reshape(4, lanes)
+    first = _seqsum(jnp.concatenate([partial[:1], x[n_ilp * 4:]]))
+    return _seqsum(jnp.concatenate([first[None], partial[1:]]))
+
+
+def _torch_mean(x: jax.Array) -> jax.Array:
+    """``torch.mean`` of a 1-D float32 array, in the summation order of PyTorch's AVX2 kernel."""
+    n = x.shape[0]
+    if n >= 8:  # vectorized_inner_sum: 8-lane vectors through row_sum, then the tail, then lanes
+        n_vec = n // 8
+        lanes = _row_sum(x[: n_vec * 8].reshape(n_vec, 8))
+        total = _seqsum(jnp.concatenate([jnp.zeros(1, x.dtype), x[n_vec * 8:], lanes]))
+    else:
+        total = _row_sum(x[:, None])[0]
+    # XLA compiles a division by a constant to a multiplication by its reciprocal: hide n.
+    return total / jnp.where(jnp.isnan(total), _F32(1), _F32(n))
+
+
+def _scale_blocks(flat: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
+    """Per-block absmax and clamp(x / absmax, -1, 1) the way bitsandbytes 0.50 computes them."""
+    n = flat.shape[0]
+    full = n // block_size
+    blocks = flat[: full * block_size].reshape(full, block_size)
+    absmax = jnp.max(jnp.abs(blocks), axis=1)
+    inv = jnp.where(absmax > 0, 1 / absmax, 0)
+    scaled = (blocks * inv[:, None]).reshape(-1)
+    if n % block_size:  # bnb: the partial block divides by its absmax, clamped to 1e-38
+        tail = flat[full * block_size:]
+        tail_max = jnp.max(jnp.abs(tail))
+        tail_max = jnp.where(tail_max < np.finfo(_F32).tiny, _F32(1e-38), tail_max)
+        tail_scaled = jnp.where(tail_max >= np.finfo(_F32).tiny, tail / tail_max, 0)
+        absmax = jnp.concatenate([absmax, tail_max[None]])
+        scaled = jnp.concatenate([scaled, tail_scaled])
+    return absmax, jnp.clip(scaled, -1, 1)
+
+
+def _dynamic_codes(scaled: jax.Array) -> jax.Array:
+    """8-bit dynamic code of each scaled value: how many thresholds are <= it."""
+    thresholds = jnp.asarray(_dynamic_thresholds())  # 255 = 2**8 - 1 sorted values
+    idx = jnp.zeros(scaled.shape, jnp.int32)
+    for step in (128, 64, 32, 16, 8, 4, 2, 1):  # branchless binary search
+        idx = jnp.where(thresholds[idx + step - 1] <= scaled, idx + step, idx)
+    return idx
+
+
+def _quantize_absmax(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Double quantization: 8-bit dynamic codes of absmax - mean, per 256 values."""
+    offset = _torch_mean(absmax)
+    nb = absmax.shape[0]
+    groups = -(-nb // _DQ_BLOCK)
+    v = jnp.pad(absmax - offset, (0, groups * _DQ_BLOCK - nb)).reshape(groups, _DQ_BLOCK)
+    absmax2 = jnp.max(jnp.abs(v), axis=1)
+    inv = jnp.where(absmax2 > 0, 1 / absmax2, 0)
+    codes = _dynamic_codes(v * inv[:, None])
+    codes = jnp.where(absmax2[:, None] > 0, codes, 0)  # the C++ kernel writes 0 for a zero block
+    return codes.reshape(-1)[:nb].astype(jnp.uint8), absmax2, offset
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "block_size", "double_quant"))
+def _quantize(x, *, fmt, block_size, double_quant):
+    flat = jnp.ravel(x).astype(jnp.float32)
+    bad = jnp.sum(~jnp.isfinite(flat), dtype=jnp.int32)
+    absmax, scaled = _scale_blocks(flat, block_size)
+    if fmt == "int8":
+        codes = jnp.round(scaled * _F32(127)).astype(jnp.int8)
+    else:
+        midpoints, order = _bounds(fmt)
+        if scaled.shape[0] % 2:
+            scaled = jnp.pad(scaled, (0, 1))
+        pos = sum((scaled > m).astype(jnp.uint8) for m in midpoints)  # bucketize, right=False
+        q = pos if np.array_equal(order, np.arange(16)) else jnp.asarray(order)[pos]
+        codes = (q[0::2] << 4) | q[1::2]
+    if not double_quant:
+        return codes, absmax, None, None, bad
+    return codes, *_quantize_absmax(absmax), bad
+
+
+def _block_absmax(absmax, absmax2, offset):
+    if absmax2 is None:
+        return absmax
+    nb = absmax.shape[0]
+    groups = absmax2.shape[0]
+    codes = jnp.pad(absmax, (0, groups * _DQ_BLOCK - nb)).reshape(groups, _DQ_BLOCK)
+    scaled = (jnp.asarray(_dynamic_map())[codes] * absmax2[:, None]).reshape(-1)[:nb]
+    # bnb rounds the product before adding the offset, but XLA fuses `a * b + c` into one FMA
+    # (one rounding). An integer xor between the two, with a mask that is 0 unless the offset is
+    # NaN (then the result is NaN anyway), is opaque to the compiler and keeps both roundings.
+    mask = jnp.isnan(offset).astype(jnp.uint32)
+    bits = jax.lax.bitcast_convert_type(scaled, jnp.uint32) ^ mask
+    return jax.lax.bitcast_convert_type(bits, jnp.float32) + offset
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "fmt", "block_size", "dtype"))
+def _dequantize(codes, absmax, absmax2, offset, *, shape, fmt, block_size, dtype):
+    n = math.prod(shape)
+    scale = _block_absmax(absmax, absmax2, offset)
+    if fmt == "int8":
+        values = jnp.asarray(_CODES["int8"])[codes.astype(jnp.int32) + 128]
+    else:
+        values = jnp.asarray(_CODES[fmt])[jnp.stack([codes >> 4, codes & 15], -1).reshape(-1)]
+    padded = scale.shape[0] * block_size
+    values = jnp.pad(values[:padded], (0, max(0, padded - values.shape[0])))
+    out = (values.reshape(-1, block_size) * scale[:, None]).reshape(-1)[:n]
+    return out.reshape(shape).astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API.
+
+
+def _check_config(format: str, block_size: int, where: str) -> int:
+    if format not in FORMATS:
+        raise ValueError(
+            f"{where}: unknown format {format!r}; expected one of {', '.join(FORMATS)}")
+    ok = isinstance(block_size, (int, np.integer)) and not isinstance(block_size, bool)
+    if not ok or block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"{where}: block_size must be a power of two >= 16, got {block_size!r}")
+    return int(block_size)
+
+
+def quantize_array(
+    x: jax.typing.ArrayLike,
+    format: str = "nf4",
+    *,
+    block_size: int = 64,
+    double_quant: bool = False,
+    path: str = "<array>",
+) -> QuantizedArray:
+    """Block-quantizes one floating-point array (jittable; shapes and options are static).
+
+    Args:
+      x: a bf16, f16, f32 or f64 array of any shape.
+      format: "nf4", "fp4" (both as bitsandbytes 0.50), "int4" or "int8".
+      block_size: elements per absmax block, a power of two >= 16.
+      double_quant: also quantize the absmax (8-bit dynamic codes per 256 blocks).
+      path: the parameter's name, used in error messages.
+
+    Returns:
+      A :class:`QuantizedArray`.
+
+    Raises:
+      ValueError: unknown format, bad block size, empty ``x``, or NaN/Inf in ``x``. NaN/Inf
+        are detected only outside ``jax.jit``; under a trace they silently give NaN blocks.
+      TypeError: ``x`` has an integer or boolean dtype.
+
+    >>> q = quantize_array(jnp.arange(128.0).reshape(2, 64), "nf4")
+    >>> q.codes.shape, q.absmax.tolist()
+    ((64,), [63.0, 127.0])
+    """
+    block_size = _check_config(format, block_size, path)
+    if not hasattr(x, "dtype"):
+        x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{path}: cannot quantize an array of dtype {x.dtype}; "
+                        "expected a floating-point array (bf16, f16, f32 or f64)")
+    if math.prod(x.shape) == 0:
+        raise ValueError(f"{path}: cannot quantize an empty array of shape {tuple(x.shape)}")
+    double_quant = bool(double_quant)
+    codes, absmax, absmax2, offset, bad = _quantize(
+        jnp.asarray(x), fmt=format, block_size=block_size, double_quant=double_quant)
+    if not isinstance(bad, jax.core.Tracer) and int(bad):  # a traced input can't be checked
+        raise ValueError(f"{path}: cannot quantize an array with {int(bad)} NaN or Inf value(s)")
+    return QuantizedArray(codes, absmax, absmax2, offset, shape=tuple(int(d) for d in x.shape),
+                          dtype_name=jnp.dtype(x.dtype).name, block_size=block_size,
+                          format=format, double_quant=double_quant)
+
+
+def _patterns(p: str | Sequence[str] | None) -> tuple[str, ...]:
+    return () if p is None else (p,) if isinstance(p, str) else tuple(p)
+
+
+def _match(pattern: str, path: str) -> bool:
+    return pattern == path or re.fullmatch(pattern, path) is not None
+
+
+def quantize(
+    params: Any,
+    format: str = "nf4",
+    *,
+    block_size: int = 64,
+    double_quant: bool = True,
+    targets: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    min_size: int = 0,
+) -> Any:
+    """Replaces selected leaves of a parameter tree by :class:`QuantizedArray` leaves.
+
+    Paths are '/'-joined keys (``"params/Dense_0/kernel"``), matched with ``re.fullmatch``.
+
+    Args:
+      params: a pytree of arrays (Linen variables, an NNX ``State``, nested dicts...).
+      format: "nf4", "fp4", "int4" or "int8".
+      block_size: elements per absmax block, a power of two >= 16.
+      double_quant: quantize the absmax too (QLoRA's default, ~4.127 bits per NF4 parameter).
+      targets: a regex or list of regexes/paths choosing the floating-point leaves to quantize;
+        default: every floating leaf with ndim >= 2 whose last key is "kernel".
+      exclude: a regex or list of them; matching leaves stay dense.
+      min_size: leaves with fewer elements stay dense.
+
+    Returns:
+      A tree of the same structure; leaves already quantized are kept as they are.
+
+    Raises:
+      ValueError: a targets pattern matches no floating-point leaf, or a bad format/block size.
+
+    >>> params = {"Dense_0": {"kernel": jnp.ones((64, 8)), "bias": jnp.ones(8)}}
+    >>> q = quantize(params, "nf4")
+    >>> is_quantized(q["Dense_0"]["kernel"]), is_quantized(q["Dense_0"]["bias"])
+    (True, False)
+    """
+    block_size = _check_config(format, block_size, "quantize")
+    targets, exclude = _patterns(targets), _patterns(exclude)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
+    used, out = set(), []
+    for keypath, leaf in leaves:
+        path = _paths.path_str(keypath)
+        dtype = getattr(leaf, "dtype", None)
+        if is_quantized(leaf) or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            out.append(leaf)
+            continue
+        if targets:
+            hits = {p for p in targets if _match(p, path)}
+            used |= hits
+            selected = bool(hits)
+        else:
+            selected = path.rsplit("/", 1)[-1] == "kernel" and len(leaf.shape) >= 2
+        selected = selected and not any(_match(p, path) for p in exclude)
+        if selected and math.prod(leaf.shape) >= min_size:
+            leaf = quantize_array(leaf, format, block_size=block_size,
+                                  double_quant=double_quant, path=path)
+        out.append(leaf)
+    for p in targets:
+        if p not in used:
+            raise ValueError(f"quantize: targets pattern {p!r} matches no floating-point leaf "
+                             "(paths look like 'params/Dense_0/kernel')")
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def dequantize_tree(tree: Any, dtype: Any = None) -> Any:
+    """Replaces every :class:`QuantizedArray` leaf by its dense array; other leaves unchanged.
+
+    Args:
+      tree: a pytree, possibly with quantized leaves.
+      dtype: dtype of the dequantized leaves (default: each leaf's original dtype).
+
+    Returns:
+      A tree of plain arrays.
+
+    >>> dense = dequantize_tree(quantize({"kernel": jnp.ones((16, 4))}))
+    >>> dense["kernel"].shape
+    (16, 4)
+    """
+    return jax.tree_util.tree_map(
+        lambda x: x.dequantize(dtype) if is_quantized(x) else x, tree, is_leaf=is_quantized)
+
+
+def quantized_bytes(tree: Any) -> dict[str, Any]:
+    """Storage of the quantized leaves of a tree, measured from their arrays.
+
+    Returns:
+      ``{"leaves": {path: bytes}, "total": bytes, "params": elements, "dense_bytes": bytes in
+      the original dtypes, "bits_per_param": 8 * total / params}``, over quantized leaves only.
+
+    >>> stats = quantized_bytes(quantize({"kernel": jnp.ones((1024, 1024))}))
+    >>> round(stats["bits_per_param"], 3)
+    4.127
+    """
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
+    per_leaf = {_paths.path_str(k): x.nbytes for k, x in leaves if is_quantized(x)}
+    quantized = [x for _, x in leaves if is_quantized(x)]
+    total = sum(per_leaf.values())
+    params = sum(x.size for x in quantized)
+    return {
+        "leaves": per_leaf,
+        "total": total,
+        "params": params,
+        "dense_bytes": sum(x.size * x.dtype.itemsize for x in quantized),
+        "bits_per_param": 8 * total / params if params else 0.0,
+    }
