@@ -51,7 +51,7 @@ def main(argv=None):
     def full_step(p, o, tok):
         loss, g = jax.value_and_grad(lambda p: loss_fn(model.apply(p, tok), tok))(p)
         upd, o = tx.update(g, o, p)
-        return optax.apply_updates(p, upd), o, tok
+        return optax.apply_updates(p, upd), o
 
     def make_lora_step(mode):
         f = lora_jax.apply(model.apply, mode=mode)
@@ -59,23 +59,23 @@ def main(argv=None):
         def step(l, o, base, tok):
             loss, g = jax.value_and_grad(lambda l: loss_fn(f(base, l, tok), tok))(l)
             upd, o = tx.update(g, o, l)
-            return optax.apply_updates(l, upd), o, base, tok
+            return optax.apply_updates(l, upd), o
 
         return step
 
     rows = []
     variants = [
-        ("full fine-tuning", full_step, (params, tx.init(params), tokens), params),
-        ("LoRA merged weights", make_lora_step("merged"), (lora, tx.init(lora), params, tokens),
+        ("full fine-tuning", full_step, (params, tx.init(params)), (tokens,), params),
+        ("LoRA merged weights", make_lora_step("merged"), (lora, tx.init(lora)), (params, tokens),
          lora),
-        ("LoRA fast path", make_lora_step("fast"), (lora, tx.init(lora), params, tokens), lora),
+        ("LoRA fast path", make_lora_step("fast"), (lora, tx.init(lora)), (params, tokens), lora),
     ]
     base_time = None
-    for name, step, state, trainable in variants:
+    for name, step, state, extra, trainable in variants:
         state = jax.tree.map(jnp.copy, state)  # donation must not delete shared arrays
         jitted = jax.jit(step, donate_argnums=(0, 1))
-        compiled, flops, peak = compiled_stats(jitted, *state)
-        t, _ = time_steps(compiled, state, n_steps=args.steps)
+        compiled, flops, peak = compiled_stats(jitted, *state, *extra)
+        t, _ = time_steps(compiled, state, n_steps=args.steps, extra=extra)
         base_time = base_time or t
         base_flops = rows[0][3] if rows else flops
         rows.append([name, f"{t * 1e3:.1f}", f"{t / base_time:.3f}", flops,

@@ -1,6 +1,7 @@
 """lora_jax: LoRA, AdaLoRA and QLoRA for JAX/Flax parameter pytrees."""
 
 from lora_jax import adalora
+from lora_jax import peft
 from lora_jax.lora import LoraWeight
 from lora_jax.lora import base_param_count
 from lora_jax.lora import init
@@ -33,6 +34,7 @@ __all__ = [
     "QuantizedArray",
     "Rule",
     "adalora",
+    "peft",
     "apply",
     "base_param_count",
     "combine",

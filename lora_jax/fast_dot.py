@@ -58,9 +58,30 @@ def _replay(w, ops):
     return w
 
 
-def merged_view(base, leaf, ops) -> jax.Array:
-    """``view(W0 + s·A·B)``: the weight operand exactly as the reference model sees it."""
-    w = lax.stop_gradient(P.dense(base))
+def _after(anchor, leaf):
+    """``leaf``'s factors, made to depend on ``anchor`` so XLA cannot merge any earlier.
+
+    Weight-sized temporaries (a merged or dequantized kernel) depend only on parameters, so
+    XLA's scheduler is free to compute them all at the start and keep them alive together.
+    Tying them to one element of the layer's activation (forward) or incoming gradient
+    (backward) makes each live only around its own matmul. ``optimization_barrier`` does not
+    achieve this on XLA:CPU (measured); an arithmetic dependency does: an exact zero computed
+    from the anchor (``nan_to_num`` keeps NaN/Inf out; XLA does not fold ``x * 0.0``).
+    """
+    if anchor is None or leaf is None:
+        return leaf
+    a = jnp.ravel(anchor)[0].astype(jnp.float32)
+    zero = jnp.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
+    return jax.tree.map(lambda v: v + zero.astype(v.dtype), leaf)
+
+
+def merged_view(base, leaf, ops, anchor=None) -> jax.Array:
+    """``view(W0 + s·A·B)``: the weight operand exactly as the reference model sees it.
+
+    With ``anchor``, the dequantization and merge are computed only once ``anchor`` exists.
+    """
+    leaf = _after(anchor, leaf)
+    w = lax.stop_gradient(P.dense(base, after=anchor))
     if leaf is not None:
         w = (w.astype(jnp.promote_types(w.dtype, jnp.float32)) + leaf.delta()).astype(w.dtype)
     return _replay(w, ops)
@@ -117,14 +138,14 @@ def lora_dot_general(x, base, leaf, spec: DotSpec):
 
     @jax.custom_vjp
     def f(x, base, leaf):
-        return _dot(x, merged_view(base, leaf, spec.ops), spec)
+        return _dot(x, merged_view(base, leaf, spec.ops, anchor=x), spec)
 
     def fwd(x, base, leaf):
         return f(x, base, leaf), (x, base, leaf)
 
     def bwd(res, dy):
         x, base, leaf = res
-        w = merged_view(base, leaf, spec.ops)  # recomputed: no weight-sized residual
+        w = merged_view(base, leaf, spec.ops, anchor=dy)  # recomputed: no weight residual
         (dx,) = jax.linear_transpose(lambda x_: _dot(x_, w, spec), x)(dy)
         _, vjp_l = jax.vjp(lambda l: lowrank(x, l, spec), leaf)
         (dl,) = vjp_l(dy.astype(_out_dtype(x, spec)))
@@ -141,7 +162,7 @@ def _out_dtype(x, spec):
 
 def dropout_dot_general(x, x_dropped, base, leaf, spec: DotSpec):
     """PEFT's unmerged form with dropout: ``x·W0 + s·drop(x)·A·B`` (no dW either)."""
-    w0 = merged_view(base, None, spec.ops)
+    w0 = merged_view(base, None, spec.ops, anchor=x)
     y0 = _dot(x, w0, spec)
     return y0 + lowrank(x_dropped, leaf, spec).astype(y0.dtype)
 
@@ -160,13 +181,13 @@ def base_dot_general(x, base, *, ops, w_is_lhs, params):
 
     @jax.custom_vjp
     def f(x, base):
-        return dot(x, merged_view(base, None, ops))
+        return dot(x, merged_view(base, None, ops, anchor=x))
 
     def fwd(x, base):
         return f(x, base), base
 
     def bwd(base, dy):
-        w = merged_view(base, None, ops)
+        w = merged_view(base, None, ops, anchor=dy)
         (dx,) = jax.linear_transpose(lambda x_: dot(x_, w), fwd_x_aval)(dy)
         return dx, None
 

@@ -407,11 +407,25 @@ def check_fits(base: PyTree, lora: PyTree) -> dict[str, Any]:
     return out
 
 
-def merge(base: PyTree, lora: PyTree, *, dtype=None) -> PyTree:
+def merge(base: PyTree, lora: PyTree, *, dtype=None, requantize: bool = False):
     """``base`` with every targeted kernel replaced by ``kernel + scale * A @ B``.
 
     Quantized base leaves are dequantized (to ``dtype``, default their original dtype);
     merged kernels keep the base dtype unless ``dtype`` is given.
+
+    Args:
+      base: the base tree (dense, or with quantized leaves).
+      lora: a LoRA tree fitting ``base``.
+      dtype: output dtype of merged and dequantized leaves.
+      requantize: quantize each merged, quantized target again in its own format. Merging
+        a small update into 4-bit weights loses much of it (the update is often below the
+        quantization step): the added error is measured and returned, not hidden.
+
+    Returns:
+      The merged tree; with ``requantize=True``, ``(quantized tree, errors)`` where
+      ``errors[path]`` has ``"weight_rel_error"`` (``|Q(W) - W| / |W|`` for the merged W) and
+      ``"update_rel_error"`` (how much of the LoRA update is lost: ``|(Q(W) - W0) - ΔW| /
+      |ΔW|`` with ``W0`` the dequantized base).
 
     >>> import jax, jax.numpy as jnp, lora_jax
     >>> p = {"kernel": jnp.ones((4, 3))}
@@ -421,19 +435,30 @@ def merge(base: PyTree, lora: PyTree, *, dtype=None) -> PyTree:
     """
     targets = check_fits(base, lora)
     lmap = leaves(lora)
+    errors: dict[str, dict[str, float]] = {}
 
     def f(path, w):
         if path in targets:
             wd = P.dense(w)
-            out_dtype = dtype or wd.dtype
-            return (wd.astype(jnp.promote_types(wd.dtype, jnp.float32)) + lmap[path].delta()).astype(
-                out_dtype
-            )
+            delta = lmap[path].delta()
+            merged = wd.astype(jnp.promote_types(wd.dtype, jnp.float32)) + delta
+            if requantize and P.is_base_leaf(w):
+                q = w.requantize(merged, path=path)
+                qd = q.dequantize(jnp.float32)
+                nrm = lambda v: float(jnp.linalg.norm(v))  # noqa: E731
+                errors[path] = {
+                    "weight_rel_error": nrm(qd - merged) / max(nrm(merged), 1e-30),
+                    "update_rel_error": nrm(qd - wd.astype(jnp.float32) - delta)
+                    / max(nrm(delta), 1e-30),
+                }
+                return q
+            return merged.astype(dtype or wd.dtype)
         if P.is_base_leaf(w):
-            return P.dense(w, dtype)
+            return w if requantize else P.dense(w, dtype)
         return w
 
-    return P.map_with_path(f, base)
+    out = P.map_with_path(f, base)
+    return (out, errors) if requantize else out
 
 
 def unmerge(merged: PyTree, lora: PyTree) -> PyTree:

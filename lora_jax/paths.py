@@ -45,10 +45,14 @@ def is_base_leaf(x: Any) -> bool:
     return isinstance(x, tuple(_BASE_LEAF_TYPES))
 
 
-def dense(x: Any, dtype=None) -> jax.Array:
-    """A base parameter as a dense array (dequantizing registered base leaves)."""
+def dense(x: Any, dtype=None, *, after: jax.Array | None = None) -> jax.Array:
+    """A base parameter as a dense array (dequantizing registered base leaves).
+
+    ``after``: an array the dequantization is made to depend on (see
+    ``QuantizedArray.dequantize``); ignored for dense arrays, which need no computing.
+    """
     if is_base_leaf(x):
-        return x.dequantize(dtype)
+        return x.dequantize(dtype) if after is None else x.dequantize(dtype, after=after)
     return x if dtype is None else x.astype(dtype)
 
 

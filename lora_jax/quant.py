@@ -106,11 +106,14 @@ class QuantizedArray:
         arrays = (self.codes, self.absmax, self.absmax2, self.offset)
         return sum(a.size * jnp.dtype(a.dtype).itemsize for a in arrays if a is not None)
 
-    def dequantize(self, dtype: Any = None) -> jax.Array:
+    def dequantize(self, dtype: Any = None, *, after: jax.Array | None = None) -> jax.Array:
         """The dense array, in ``dtype`` (default: the original dtype); jittable.
 
         Args:
           dtype: output dtype; values are computed in float32 and then cast, as bitsandbytes.
+          after: an array (e.g. the layer's input) that the whole dequantization is made to
+            depend on, so that XLA computes the dense weight only when it is about to be used
+            instead of hoisting every layer's weight to the start of the program.
 
         Returns:
           An array of the original shape.
@@ -120,8 +123,39 @@ class QuantizedArray:
         ((64,), 'bfloat16')
         """
         out = jnp.dtype(self.dtype if dtype is None else dtype).name
-        return _dequantize(self.codes, self.absmax, self.absmax2, self.offset, shape=self.shape,
-                           fmt=self.format, block_size=self.block_size, dtype=out)
+        zero = jnp.zeros((), jnp.float32) if after is None else _zero_from(after)
+        return _dequantize(self.codes, self.absmax, self.absmax2, self.offset, zero,
+                           shape=self.shape, fmt=self.format, block_size=self.block_size,
+                           dtype=out)
+
+    def requantize(self, x: jax.typing.ArrayLike, path: str = "<array>") -> "QuantizedArray":
+        """``x`` quantized with this array's format, block size and double quantization."""
+        return quantize_array(x, self.format, block_size=self.block_size,
+                              double_quant=self.double_quant, path=path)
+
+    def unstack_leading(self) -> "QuantizedArray | None":
+        """The same data with the leading (layer) axis exposed on every stored array.
+
+        ``lax.scan`` over the result hands each step a valid ``QuantizedArray`` of shape
+        ``shape[1:]``, so stacked layers dequantize one layer at a time. Returns ``None`` when
+        blocks would straddle layers (the per-layer size is not a multiple of the block size,
+        of 2 for 4-bit packing, or of 256 blocks under double quantization).
+        """
+        if len(self.shape) < 2:
+            return None
+        n_layers, per = self.shape[0], math.prod(self.shape[1:])
+        nb = per // self.block_size
+        if per % self.block_size or (self.format != "int8" and per % 2):
+            return None
+        if self.double_quant and nb % _DQ_BLOCK:
+            return None
+        return QuantizedArray(
+            self.codes.reshape(n_layers, -1),
+            self.absmax.reshape(n_layers, nb),
+            None if self.absmax2 is None else self.absmax2.reshape(n_layers, nb // _DQ_BLOCK),
+            None if self.offset is None else jnp.broadcast_to(self.offset, (n_layers,)),
+            shape=self.shape[1:], dtype_name=self.dtype_name, block_size=self.block_size,
+            format=self.format, double_quant=self.double_quant)
 
     def __repr__(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
@@ -340,14 +374,24 @@ def _block_absmax(absmax, absmax2, offset):
     return jax.lax.bitcast_convert_type(bits, jnp.float32) + offset
 
 
+def _zero_from(anchor: jax.Array) -> jax.Array:
+    """A float32 zero that XLA must compute from ``anchor`` (NaN/Inf-safe)."""
+    a = jnp.ravel(anchor)[0].astype(jnp.float32)
+    return jnp.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0) * _F32(0)
+
+
 @functools.partial(jax.jit, static_argnames=("shape", "fmt", "block_size", "dtype"))
-def _dequantize(codes, absmax, absmax2, offset, *, shape, fmt, block_size, dtype):
+def _dequantize(codes, absmax, absmax2, offset, zero, *, shape, fmt, block_size, dtype):
     n = math.prod(shape)
     scale = _block_absmax(absmax, absmax2, offset)
+    # ``zero`` (an exact 0) ties the codes and the code table, hence every intermediate of
+    # the size of the array, to the caller's anchor, so none of it is computed early.
+    table = jnp.asarray(_CODES[fmt]) + zero
+    codes = codes + zero.astype(codes.dtype)
     if fmt == "int8":
-        values = jnp.asarray(_CODES["int8"])[codes.astype(jnp.int32) + 128]
+        values = table[codes.astype(jnp.int32) + 128]
     else:
-        values = jnp.asarray(_CODES[fmt])[jnp.stack([codes >> 4, codes & 15], -1).reshape(-1)]
+        values = table[jnp.stack([codes >> 4, codes & 15], -1).reshape(-1)]
     padded = scale.shape[0] * block_size
     values = jnp.pad(values[:padded], (0, max(0, padded - values.shape[0])))
     out = (values.reshape(-1, block_size) * scale[:, None]).reshape(-1)[:n]

@@ -83,7 +83,8 @@ class _Tagged:
 
 def _replay(w, ops):
     for prim, params in ops:
-        w = prim.bind(w, **params)
+        if prim is not None:  # (None, reason) marks a weight that must be materialized
+            w = prim.bind(w, **params)
     return w
 
 
@@ -93,6 +94,7 @@ class _Config:
     rng: jax.Array | None
     report: dict | None
     use_count: dict = dataclasses.field(default_factory=dict)
+    compute_dtype: Any = None
 
 
 def _note(cfg: _Config, path: str, how: str):
@@ -286,6 +288,24 @@ def _lowrank_layout(t: _Tagged, w_contract: Sequence[int], w_free: Sequence[int]
 def _dot(cfg: _Config, eqn, invals, wi: int):
     t: _Tagged = invals[wi]
     x = invals[1 - wi]
+    params = dict(eqn.params)
+    out_dtype = eqn.outvars[0].aval.dtype
+    cd = cfg.compute_dtype
+    if cd is not None and jnp.issubdtype(x.dtype, jnp.floating) and (
+            jnp.dtype(cd) != x.dtype or jnp.dtype(cd) != t.dtype):
+        # Mixed precision at the weight's use: x and the (dequantized, merged) weight in the
+        # compute dtype, the result back in the model's dtype.
+        cd = jnp.dtype(cd)
+        cast = (lax.convert_element_type_p, dict(new_dtype=cd, weak_type=False, sharding=None))
+        t = dataclasses.replace(t, ops=t.ops + (cast,), dtype=cd)
+        x = x.astype(cd)
+        invals = [t, x] if wi == 0 else [x, t]
+        y = _dot_inner(cfg, eqn, invals, wi, t, x, params)
+        return y.astype(out_dtype)
+    return _dot_inner(cfg, eqn, invals, wi, t, x, params)
+
+
+def _dot_inner(cfg: _Config, eqn, invals, wi, t: _Tagged, x, params):
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     w_contract, w_batch = (lc, lb) if wi == 0 else (rc, rb)
     x_contract = rc if wi == 0 else lc
@@ -294,9 +314,7 @@ def _dot(cfg: _Config, eqn, invals, wi: int):
     w_free = tuple(d for d in range(len(t.shape)) if d not in w_contract)
     if t.lora is None:  # a quantized base weight without adapter: dequantize at use
         _note(cfg, t.path, "base: dequantized at dot_general")
-        return fast_dot.base_dot_general(
-            x, t.base, ops=t.ops, w_is_lhs=wi == 0, params=dict(eqn.params)
-        )
+        return fast_dot.base_dot_general(x, t.base, ops=t.ops, w_is_lhs=wi == 0, params=params)
     layout = _lowrank_layout(t, w_contract, w_free)
     if isinstance(layout, str):
         return _fallback(cfg, eqn, invals, layout)
@@ -305,7 +323,7 @@ def _dot(cfg: _Config, eqn, invals, wi: int):
         ops=t.ops,
         w_is_lhs=wi == 0,
         x_contract=tuple(x_contract),
-        params=tuple(sorted(eqn.params.items(), key=lambda kv: kv[0])),
+        params=tuple(sorted(params.items(), key=lambda kv: kv[0])),
         view_dtype=t.dtype,
     )
     if t.lora.dropout > 0.0 and cfg.rng is not None:
@@ -434,10 +452,18 @@ def _scan(cfg, eqn, invals):
     # A stacked weight scanned over: slice its base and adapter along with it.
     sliced, plain_xs = [], []
     for x in xs:
+        if _is_tagged(x) and P.is_base_leaf(x.base) and not x.ops:
+            unstacked = x.base.unstack_leading()  # dequantize one layer at a time
+            if unstacked is None:
+                x = dataclasses.replace(x, ops=((None, "blocks straddle layers"),))
+            else:
+                x = dataclasses.replace(x, base=unstacked)
         if _is_tagged(x):
             if x.ops or (x.lora is not None and x.lora.stack_axes < 1):
                 x_m = x.materialize()
-                _note(cfg, x.path, "fallback (merged weight) at scan: weight viewed before scan")
+                why = next((r for p_, r in x.ops if p_ is None), None) or (
+                    "weight cast or reshaped before the scan" if x.ops else "no stack_axes")
+                _note(cfg, x.path, f"fallback (merged weight) at scan: {why}")
                 if cfg.strict and x.lora is not None:
                     raise LoraFallbackError(
                         f"LoRA weight {x.path!r} enters a scan after a cast/reshape or without "
@@ -473,7 +499,7 @@ def _scan(cfg, eqn, invals):
                 if lora_i is not None:
                     lora_i = lora_i.replace(stack_axes=lora_i.stack_axes - 1)
                 full_xs.append(_tag(t.path, base_i, lora_i))
-        sub = _Config(cfg.strict, key, cfg.report, {}) if key is not None else cfg
+        sub = dataclasses.replace(cfg, rng=key, use_count={}) if key is not None else cfg
         outs = _concrete(_eval_closed(sub, p["jaxpr"], c_rebuild(cst) + list(c) + full_xs))
         return (cst, tuple(outs[:n_carry])), tuple(outs[n_carry:])
 
@@ -553,6 +579,7 @@ def apply(
     mode: str = "fast",
     modules_to_save: P.Pattern | None = None,
     bias: str = "none",
+    compute_dtype: Any = None,
 ) -> Callable:
     """Wraps ``fn(params, *args, **kwargs)`` as ``f(base, lora, *args, **kwargs)``.
 
@@ -567,6 +594,9 @@ def apply(
         ``fn``; the simple reference path).
       modules_to_save: base paths (regexes) that keep their gradients, for full training.
       bias: ``"none"``, ``"lora_only"`` or ``"all"``: which biases keep their gradients.
+      compute_dtype: if set (e.g. ``jnp.bfloat16``), every matmul with a targeted or
+        quantized weight runs in this dtype: the weight is dequantized/merged and cast at its
+        use, the input cast, the result cast back to the model's dtype.
 
     Returns:
       ``f(base, lora, *args, lora_rng=None, **kwargs)``; ``lora_rng`` drives LoRA dropout.
@@ -578,7 +608,7 @@ def apply(
     @functools.wraps(fn)
     def wrapped(base, lora, *args, lora_rng=None, **kwargs):
         return _run(fn, base, lora, args, kwargs, lora_rng, strict, mode, modules_to_save, bias,
-                    None)
+                    None, compute_dtype)
 
     return wrapped
 
@@ -600,7 +630,8 @@ def report(fn: Callable, base, lora, *args, **kwargs) -> dict[str, list[str]]:
     return rep
 
 
-def _run(fn, base, lora, args, kwargs, rng, strict, mode, modules_to_save, bias, rep):
+def _run(fn, base, lora, args, kwargs, rng, strict, mode, modules_to_save, bias, rep,
+         compute_dtype=None):
     L.check_fits(base, lora)
     lmap = L.leaves(lora)
     keep = trainable_base_paths(base, lora, modules_to_save=modules_to_save, bias=bias)
@@ -640,6 +671,6 @@ def _run(fn, base, lora, args, kwargs, rng, strict, mode, modules_to_save, bias,
             invals.append(_tag(path, x, lmap.get(path)))
         else:
             invals.append(x)
-    cfg = _Config(strict=strict, rng=rng, report=rep)
+    cfg = _Config(strict=strict, rng=rng, report=rep, compute_dtype=compute_dtype)
     outs = _concrete(_eval_jaxpr(cfg, closed.jaxpr, closed.consts, invals + list(dyn_vals)))
     return jax.tree.unflatten(out_tree[0], outs)

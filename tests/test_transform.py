@@ -325,3 +325,27 @@ def test_merged_mode_equals_fast_mode():
     a = lora_jax.apply(model.apply, mode="merged")(params, lora, X)
     b = lora_jax.apply(model.apply)(params, lora, X)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_gpt_train_step_flops_and_merged_inference_flops():
+    """Compiled FLOPs: the LoRA step <= 0.72 of full fine-tuning; merged inference == base."""
+    cfg = GPTConfig()  # the reference GPT of benchmarks/train_step.py
+    model = GPT(cfg)
+    tok = jax.ShapeDtypeStruct((8, cfg.seq), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), tok)
+    lora = jax.eval_shape(lambda p: lora_jax.init(
+        p, r=8, targets=r".*/(q|k|v|o|up|down)/kernel", key=jax.random.key(1)), params)
+    f = lora_jax.apply(model.apply)
+
+    def flops(fn, *args):
+        return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+    full = flops(jax.grad(lambda p, t: loss_fn(model.apply(p, t), t)), params, tok)
+    fast = flops(jax.grad(lambda l, p, t: loss_fn(f(p, l, t), t)), lora, params, tok)
+    assert fast <= 0.72 * full, fast / full
+    # merge() gives plain parameters of the same structure, shapes and dtypes, so merged
+    # inference compiles to exactly the base model's program.
+    merged = jax.eval_shape(lora_jax.merge, params, lora)
+    assert jax.tree.structure(merged) == jax.tree.structure(params)
+    assert jax.jit(model.apply).lower(merged, tok).as_text() == jax.jit(model.apply).lower(
+        params, tok).as_text()
