@@ -4,8 +4,8 @@ Trains the built-in GPT on a synthetic next-token task (a fixed random permutati
 loss can fall) with AdaLoRA (init_r=12, target_r=8 on q, k, v, o, up, down, orth-reg weight
 0.5, PEFT's schedule) and prints three tables:
 
-1. step time of LoRA r=8, AdaLoRA without the allocator and AdaLoRA with ``Allocator.update``
-   inside the same jitted step (the allocator's overhead);
+1. step time of LoRA at the same rank (r=12), AdaLoRA without the allocator and AdaLoRA with
+   ``Allocator.update`` inside the same jitted step (the allocator's overhead);
 2. loss and global budget at the phase boundaries (warm-up, budgeting, final);
 3. the rank each module ends with (``finalize``'s rank pattern).
 
@@ -65,7 +65,7 @@ def main(argv=None):
     alloc = adalora.Allocator(total_steps=T, tinit=T // 10, tfinal=T // 5, delta_t=max(T // 100, 1))
     ada = adalora.init(params, init_r=12, target_r=8, alpha=16, targets=TARGETS,
                        key=jax.random.key(2), stack_axes=stack)
-    lora = lora_jax.init(params, r=8, alpha=16, targets=TARGETS, key=jax.random.key(2),
+    lora = lora_jax.init(params, r=12, alpha=16, targets=TARGETS, key=jax.random.key(2),
                          stack_axes=stack)
     tx = optax.adamw(2e-3)
     f = lora_jax.apply(model.apply)
@@ -87,7 +87,7 @@ def main(argv=None):
 
     # 1. step time
     rows, base_t = [], None
-    for name, tree, is_ada, with_alloc in [("LoRA r=8", lora, False, False),
+    for name, tree, is_ada, with_alloc in [("LoRA r=12", lora, False, False),
                                            ("AdaLoRA r=12, no allocator", ada, True, False),
                                            ("AdaLoRA r=12 + Allocator.update", ada, True, True)]:
         tree = jax.tree.map(jnp.copy, tree)

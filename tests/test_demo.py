@@ -1,0 +1,23 @@
+"""The main job runs end to end (tiny settings), writes its table, plot and adapters."""
+
+import json
+import os
+
+from lora_jax import demo
+
+
+def test_demo_all_methods_tiny(tmp_path, capsys):
+    rows = demo.main(["--pretrain-steps", "3", "--steps", "6", "--d", "32", "--layers", "1",
+                      "--batch", "2", "--seq", "16", "--quiet", "--out", str(tmp_path)])
+    assert [r[0] for r in rows] == ["full", "lora", "adalora", "qlora"]
+    out = capsys.readouterr().out
+    assert "loss before" in out and f"output folder: {tmp_path}" in out
+    assert (tmp_path / "loss_curves.png").stat().st_size > 1000
+    cfg = json.loads((tmp_path / "lora" / "peft" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8
+    ada = json.loads((tmp_path / "adalora" / "peft" / "adapter_config.json").read_text())
+    assert ada["peft_type"] == "LORA"  # finalized AdaLoRA is a plain LoRA with a rank pattern
+    for _, n, size, t, peak, before, after in rows:
+        assert n > 0 and size > 0 and t > 0 and peak > 0 and before > 0 and after > 0
+    assert rows[1][1] < rows[0][1]  # LoRA trains fewer parameters than full fine-tuning
+    assert os.path.isdir(tmp_path / "full")
