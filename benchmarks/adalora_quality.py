@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import lora_jax  # noqa: E402
 from common import fmt_table  # noqa: E402
 from lora_jax import adalora, demo  # noqa: E402
-from lora_jax.models.gpt import GPT, GPTConfig, loss_fn  # noqa: E402
+from lora_jax.models.gpt import loss_fn  # noqa: E402
 
 
 def main(argv=None):
@@ -33,23 +33,10 @@ def main(argv=None):
     ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=3e-3)
     args = ap.parse_args(argv)
-    cfg = GPTConfig(vocab=256, d=128, heads=4, layers=4, mlp=512, seq=64)
-    model = GPT(cfg)
-    pre, _ = demo.split_tokens(demo.pretrain_text())
-    ad_train, ad_test = demo.split_tokens(demo.adapt_text())
-    test = demo.eval_batches(ad_test, 16, cfg.seq)
-    params = model.init(jax.random.key(0), test[0])
+    model, params, data = demo.pretrained_gpt(steps=args.pretrain_steps, lr=args.lr)
+    cfg = model.cfg
+    ad_train, test = data["adapt_train"], data["adapt_test"]
     tx = optax.adamw(args.lr)
-
-    @jax.jit
-    def pre_step(p, o, tok):
-        loss, g = jax.value_and_grad(lambda p: loss_fn(model.apply(p, tok), tok))(p)
-        upd, o = tx.update(g, o, p)
-        return optax.apply_updates(p, upd), o, loss
-
-    (params, _), _, _ = demo.train(pre_step, [params, tx.init(params)],
-                                   demo.batches(pre, 16, cfg.seq, 0), args.pretrain_steps,
-                                   "pretrain", quiet=True)
     f = lora_jax.apply(model.apply)
     ev = jax.jit(lambda l: jnp.mean(jnp.stack([loss_fn(f(params, l, t), t) for t in test])))
     T = args.steps

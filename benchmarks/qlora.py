@@ -79,12 +79,8 @@ def step_rows(name, cfg, batch, steps, compute_dtype=None):
 def quality(steps=150, pretrain_steps=300):
     from lora_jax import demo
 
-    cfg = GPTConfig(vocab=256, d=128, heads=4, layers=4, mlp=512, seq=64)
-    model = GPT(cfg)
-    pre, _ = demo.split_tokens(demo.pretrain_text())
-    ad_train, ad_test = demo.split_tokens(demo.adapt_text())
-    test = demo.eval_batches(ad_test, 16, cfg.seq)
-    params = model.init(jax.random.key(0), test[0])
+    model, params, data = demo.pretrained_gpt(steps=pretrain_steps)
+    ad_train, test, seq = data["adapt_train"], data["adapt_test"], model.cfg.seq
     tx = optax.adamw(3e-3)
 
     def make_step(loss_of):
@@ -95,10 +91,6 @@ def quality(steps=150, pretrain_steps=300):
             return optax.apply_updates(p, upd), o, loss
         return step
 
-    full = lambda p, tok: loss_fn(model.apply(p, tok), tok)  # noqa: E731
-    (params, _), _, _ = demo.train(make_step(full), [params, tx.init(params)],
-                                   demo.batches(pre, 16, cfg.seq, 0), pretrain_steps, "pretrain",
-                                   quiet=True)
     f = lora_jax.apply(model.apply)
     rows = []
     for label, base in (("float32 base", params),
@@ -108,7 +100,7 @@ def quality(steps=150, pretrain_steps=300):
         before = float(np.mean([ev(lora, t) for t in test]))
         lo = lambda l, tok: loss_fn(f(base, l, tok), tok)  # noqa: E731
         (lora, _), _, _ = demo.train(make_step(lo), [lora, tx.init(lora)],
-                                     demo.batches(ad_train, 16, cfg.seq, 1), steps, label,
+                                     demo.batches(ad_train, 16, seq, 1), steps, label,
                                      quiet=True)
         after = float(np.mean([ev(lora, t) for t in test]))
         rows.append([label, f"{before:.4f}", f"{after:.4f}"])

@@ -93,6 +93,33 @@ def train(step, state, data, steps, desc, quiet=False, const=()):
     return state, losses, statistics.median(times[2:] if len(times) > 4 else times)
 
 
+def pretrained_gpt(*, d: int = 128, layers: int = 4, steps: int = 300, batch: int = 16,
+                   seq: int = 64, lr: float = 3e-3, seed: int = 0, quiet: bool = True):
+    """The demo's byte-level GPT, pretrained on the language reference, and its data.
+
+    Returns ``(model, params, data)`` with ``data`` a dict of token arrays: ``"adapt_train"``
+    and ``"adapt_test"`` (held-out batches) of the adaptation text. Benchmarks use it for
+    quality comparisons on a model that has learned something.
+    """
+    cfg = GPTConfig(vocab=256, d=d, heads=4, layers=layers, mlp=4 * d, seq=seq)
+    model = GPT(cfg)
+    pre_train, _ = split_tokens(pretrain_text())
+    ad_train, ad_test = split_tokens(adapt_text())
+    test = eval_batches(ad_test, batch, seq)
+    params = model.init(jax.random.key(seed), test[0])
+    tx = optax.adamw(lr)
+
+    @jax.jit
+    def step(p, o, tok):
+        loss, g = jax.value_and_grad(lambda p: loss_fn(model.apply(p, tok), tok))(p)
+        upd, o = tx.update(g, o, p)
+        return optax.apply_updates(p, upd), o, loss
+
+    (params, _), _, _ = train(step, [params, tx.init(params)],
+                              batches(pre_train, batch, seq, seed), steps, "pretrain", quiet)
+    return model, params, {"adapt_train": ad_train, "adapt_test": test}
+
+
 def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
@@ -190,16 +217,13 @@ def main(argv=None):
             ap.error("--model smollm2 supports --method lora or qlora")
         return [demo_llm.main(method=m, quiet=args.quiet, out=args.out) for m in methods]
 
-    cfg = GPTConfig(vocab=256, d=args.d, heads=4, layers=args.layers, mlp=4 * args.d,
-                    seq=args.seq)
-    model = GPT(cfg)
-    pre_train, _ = split_tokens(pretrain_text())
-    ad_train, ad_test = split_tokens(adapt_text())
-    test = eval_batches(ad_test, args.batch, args.seq)
-    print(f"lora_jax demo: byte-level GPT d={cfg.d} layers={cfg.layers} on {jax.default_backend()}"
-          f"; pretrain text {len(pre_train):,} bytes, adaptation text {len(ad_train):,} bytes")
-
-    params = model.init(jax.random.key(args.seed), test[0])
+    print(f"lora_jax demo: byte-level GPT d={args.d} layers={args.layers} on "
+          f"{jax.default_backend()}; pretraining on the Python language reference, then "
+          f"adapting to stdlib docstrings")
+    model, params, data_ = pretrained_gpt(d=args.d, layers=args.layers, steps=args.pretrain_steps,
+                                          batch=args.batch, seq=args.seq, lr=args.lr,
+                                          seed=args.seed, quiet=args.quiet)
+    ad_train, test = data_["adapt_train"], data_["adapt_test"]
 
     def make_step(tx, loss_of, post=None):
         def step(trainable, opt, *rest):
@@ -213,13 +237,7 @@ def main(argv=None):
 
         return jax.jit(step, donate_argnums=(0, 1))
 
-    # 1. Pretraining (full) on the language reference.
-    tx = optax.adamw(args.lr)
     full_loss = lambda p, _, tok: loss_fn(model.apply(p, tok), tok)  # noqa: E731
-    (params, _), _, _ = train(make_step(tx, full_loss), [jax.tree.map(jnp.copy, params),
-                                                         tx.init(params)],
-                              batches(pre_train, args.batch, args.seq, args.seed),
-                              args.pretrain_steps, "pretrain", args.quiet, const=(None,))
     evaluate = jax.jit(lambda p, tok: loss_fn(model.apply(p, tok), tok))
     before = float(np.mean([evaluate(params, t) for t in test]))
 
