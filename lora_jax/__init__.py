@@ -1,7 +1,9 @@
 """lora_jax: LoRA, AdaLoRA and QLoRA for JAX/Flax parameter pytrees."""
 
 from lora_jax import adalora
+from lora_jax import checkpoint
 from lora_jax import peft
+from lora_jax import sharding
 from lora_jax.lora import LoraWeight
 from lora_jax.lora import base_param_count
 from lora_jax.lora import init
@@ -34,6 +36,7 @@ __all__ = [
     "QuantizedArray",
     "Rule",
     "adalora",
+    "checkpoint",
     "peft",
     "apply",
     "base_param_count",
@@ -48,6 +51,7 @@ __all__ = [
     "quantize_array",
     "quantized_bytes",
     "report",
+    "sharding",
     "split",
     "summary",
     "trainable_mask",

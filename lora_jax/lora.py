@@ -264,8 +264,9 @@ def _examples(flat, n=4) -> str:
 
 
 def _check_finite(path: str, x: Any) -> None:
-    if P.is_base_leaf(x) or isinstance(x, jax.core.Tracer):
-        return
+    concrete = isinstance(x, (np.ndarray, np.generic, jax.Array))
+    if not concrete or P.is_base_leaf(x) or isinstance(x, jax.core.Tracer):
+        return  # abstract (ShapeDtypeStruct), traced or quantized: nothing to read
     arr = np.asarray(x, dtype=np.float32) if "bfloat16" in str(x.dtype) else np.asarray(x)
     if not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())

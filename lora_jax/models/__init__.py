@@ -2,5 +2,7 @@
 
 from lora_jax.models.gpt import GPT
 from lora_jax.models.gpt import GPTConfig
+from lora_jax.models.llama import Llama
+from lora_jax.models.llama import LlamaConfig
 
-__all__ = ["GPT", "GPTConfig"]
+__all__ = ["GPT", "GPTConfig", "Llama", "LlamaConfig"]
