@@ -89,7 +89,7 @@ def train(step, state, data, steps, desc, quiet=False, const=()):
         loss = float(loss)  # blocks until the step is done
         times.append(time.perf_counter() - t0)
         losses.append(loss)
-        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
     return state, losses, statistics.median(times[2:] if len(times) > 4 else times)
 
 
@@ -285,7 +285,7 @@ def main(argv=None):
         state, losses, t_step = train(step, [trainable, opt, *extra], data(), args.steps,
                                       method, args.quiet, const=(base,))
         trainable = state[0]
-        curves[method] = losses
+        curves[method if method != "adalora" else "adalora (incl. 0.1 x orth reg)"] = losses
         if method == "full":
             after = float(np.mean([evaluate(trainable, t) for t in test]))
             size, n = save_tree(os.path.join(out, "full"), trainable), \
