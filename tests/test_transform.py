@@ -104,7 +104,7 @@ def test_dense_general_multi_axis_kernels():
     params, lora = setup(model, X, in_axes={".*join.*": 2})
     assert lora["params"]["split"]["kernel"].b.shape == (3, 3, 4)   # two output axes
     assert lora["params"]["join"]["kernel"].a.shape == (3, 4, 3)    # two input axes
-    f = check_against_merged(model.apply, params, lora, X)
+    check_against_merged(model.apply, params, lora, X)
     rep = lora_jax.report(model.apply, params, lora, X)
     assert all(v == ["fast: dot_general"] for v in rep.values()), rep
 
