@@ -431,14 +431,20 @@ def load_adapter(path: str | os.PathLike, *, like: PyTree | None = None,
     return _rebuild_like(arrays, like)
 
 
-def _restore_arrays(path: str, item: str, abstract: dict) -> dict:
-    """Restores the adapter arrays of ``abstract`` (``{path: leaf of ShapeDtypeStructs}``)."""
+def _flat_fields(abstract: dict) -> tuple[dict, list]:
+    """Adapter arrays as ``{"000000": x, ...}`` plus the ``(path, field)`` of each entry."""
     flat, where = {}, []
     for p, leaf in abstract.items():
         for name, x in S._fields(leaf).items():
             if x is not None:
                 flat[f"{len(flat):06d}"] = x
                 where.append((p, name))
+    return flat, where
+
+
+def _restore_arrays(path: str, item: str, abstract: dict) -> dict:
+    """Restores the adapter arrays of ``abstract`` (``{path: leaf of ShapeDtypeStructs}``)."""
+    flat, where = _flat_fields(abstract)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
         got = getattr(ck.restore(path, ocp.args.Composite(
             **{item: ocp.args.StandardRestore(flat)})), item)
@@ -620,12 +626,7 @@ class Manager:
         abstract = _abstract_lora(info, shard)
 
         args, items = {}, {}
-        flat_lora, where_lora = {}, []
-        for p, leaf in abstract.items():
-            for name, x in S._fields(leaf).items():
-                if x is not None:
-                    flat_lora[f"{len(flat_lora):06d}"] = x
-                    where_lora.append((p, name))
+        flat_lora, where_lora = _flat_fields(abstract)
         args["lora"] = ocp.args.StandardRestore(flat_lora)
         for name, item in state["items"].items():
             shapes = [jax.ShapeDtypeStruct(tuple(a["shape"]), np.dtype(a["dtype"]))

@@ -53,8 +53,10 @@ def _dot(x, w, spec: DotSpec):
 
 
 def _replay(w, ops):
+    """Applies recorded view ops (casts, reshapes, transposes) to a kernel."""
     for prim, params in ops:
-        w = prim.bind(w, **params)
+        if prim is not None:  # (None, reason) marks a weight that must be materialized
+            w = prim.bind(w, **params)
     return w
 
 

@@ -59,17 +59,9 @@ class _Tagged:
     shape: tuple
     dtype: Any
 
-    def kernel(self) -> jax.Array:
-        """The effective kernel ``W0 + s·A·B`` (frozen W0, gradients to the adapter only)."""
-        w = lax.stop_gradient(P.dense(self.base))
-        if self.lora is None:
-            return w
-        return (w.astype(jnp.promote_types(w.dtype, jnp.float32)) + self.lora.delta()).astype(
-            w.dtype
-        )
-
     def materialize(self) -> jax.Array:
-        return _replay(self.kernel(), self.ops)
+        """This view of the effective kernel ``W0 + s·A·B`` (gradients to the adapter only)."""
+        return fast_dot.merged_view(self.base, self.lora, self.ops)
 
     def group(self, k: int) -> str:
         lr = self.lora
@@ -78,13 +70,6 @@ class _Tagged:
         if k < lr.stack_axes:
             return "stack"
         return "in" if k < lr.stack_axes + lr.in_axes else "out"
-
-
-def _replay(w, ops):
-    for prim, params in ops:
-        if prim is not None:  # (None, reason) marks a weight that must be materialized
-            w = prim.bind(w, **params)
-    return w
 
 
 @dataclasses.dataclass
@@ -367,7 +352,7 @@ def _gather(cfg: _Config, eqn, invals):
     if not plain:
         return _fallback(cfg, eqn, invals, "gather other than a row lookup")
     _note(cfg, t.path, "fast: gather (A[ids] @ B)")
-    w0 = _replay(lax.stop_gradient(P.dense(t.base)), t.ops)
+    w0 = fast_dot.merged_view(t.base, None, t.ops)
     rows = _bind(eqn, [w0, idx])
     a, b = lr.factors()
     params = dict(eqn.params)
