@@ -116,23 +116,64 @@ def _factor_views(leaf, lay: Layout, dtype):
 
 def lowrank(x, leaf, spec: DotSpec):
     """``s · dot_general(x, view(A·B))`` computed as two thin matmuls."""
-    lay = spec.layout
+    u, v = _factor_views(leaf, spec.layout, spec.view_dtype)
+    return _thin(x, u, v, leaf.scale, spec)
+
+
+def _thin(x, u, v, scale, spec: DotSpec):
+    """``s · (x·U)·V`` with a hand-written backward pass.
+
+    Autodiff would compute ``dU = xᵀ·g`` with the rank as the output's minor dimension,
+    which XLA:CPU runs 4–7× slower than the rank-major ``gᵀ·x`` (measured: 1.28 ms vs
+    0.25 ms at 1024×512, r=8). The backward pass computes every factor gradient rank-major
+    and transposes the small result behind an ``optimization_barrier`` so that XLA does not
+    fold the transpose back into the matmul.
+    """
     params = dict(spec.params)
     pet = params.get("preferred_element_type")
     prec = params.get("precision")
-    u, v = _factor_views(leaf, lay, spec.view_dtype)
-    nc = len(lay.c_shape)
-    xu = lax.dot_general(
-        x, u, ((spec.x_contract, tuple(range(nc))), ((), ())),
-        precision=prec, preferred_element_type=pet,
-    ).astype(v.dtype)
-    if spec.w_is_lhs:
-        y = lax.dot_general(v, xu, (((0,), (xu.ndim - 1,)), ((), ())),
-                            precision=prec, preferred_element_type=pet)
-    else:
-        y = lax.dot_general(xu, v, (((xu.ndim - 1,), (0,)), ((), ())),
-                            precision=prec, preferred_element_type=pet)
-    return (leaf.scale * y).astype(y.dtype)
+    nc = len(spec.layout.c_shape)
+    free = tuple(d for d in range(x.ndim) if d not in spec.x_contract)  # x's free dims
+    nxf, nf = len(free), v.ndim - 1
+    # Positions in y (and dy) of x's free dims and of the weight's free dims.
+    y_x = tuple(range(nf, nf + nxf)) if spec.w_is_lhs else tuple(range(nxf))
+    y_f = tuple(range(nf)) if spec.w_is_lhs else tuple(range(nxf, nxf + nf))
+
+    def dg(a, b, ca, cb):
+        return lax.dot_general(a, b, ((tuple(ca), tuple(cb)), ((), ())), precision=prec,
+                               preferred_element_type=pet)
+
+    def xu_of(x, u):  # (*x_free, r)
+        return dg(x, u, spec.x_contract, range(nc)).astype(v.dtype)
+
+    @jax.custom_vjp
+    def f(x, u, v):
+        return fwd(x, u, v)[0]
+
+    def fwd(x, u, v):
+        xu = xu_of(x, u)
+        if spec.w_is_lhs:
+            y = dg(v, xu, (0,), (xu.ndim - 1,))
+        else:
+            y = dg(xu, v, (xu.ndim - 1,), (0,))
+        return (scale * y).astype(y.dtype), (x, u, v, xu)
+
+    def bwd(res, dy):
+        x, u, v, xu = res
+        dy = dy.astype(v.dtype)
+        g = (scale * dg(dy, v, y_f, range(1, nf + 1))).astype(v.dtype)  # (*x_free, r)
+        dv = (scale * dg(xu, dy, range(nxf), y_x)).astype(v.dtype)  # (r, *f_shape)
+        dx = dg(g, u, (nxf,), (nc,))  # (*x_free, *c) -> x's layout
+        c_sorted = sorted(spec.x_contract)
+        order = list(free) + list(spec.x_contract)
+        dx = dx.transpose([order.index(d) for d in range(x.ndim)]).astype(x.dtype)
+        du_t = lax.optimization_barrier(dg(g, x, range(nxf), free))  # (r, *c in x order)
+        perm = tuple(1 + c_sorted.index(d) for d in spec.x_contract) + (0,)
+        du = du_t.transpose(perm).astype(u.dtype)
+        return dx, du, dv
+
+    f.defvjp(fwd, bwd)
+    return f(x, u, v)
 
 
 def lora_dot_general(x, base, leaf, spec: DotSpec):
