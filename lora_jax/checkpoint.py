@@ -150,6 +150,18 @@ def _decode(node: dict, arrays: list) -> PyTree:
     raise ValueError(f"unknown node type {t!r} in checkpoint metadata")
 
 
+def _check_storable(item: str, tree: PyTree) -> None:
+    """Clear errors, before anything is written, for leaves a train state cannot hold."""
+    for path, x in P.flatten(tree):
+        where = f"{item}/{path}" if path else item
+        if P.is_base_leaf(x):
+            raise TypeError(f"{where} is a {type(x).__name__}, a base weight: checkpoints hold "
+                            "adapters and train state, never the base model")
+        if str(getattr(x, "dtype", "")) in ("int4", "uint4"):
+            raise TypeError(f"{where}: Orbax cannot write {x.dtype} arrays; store them as "
+                            "int8/uint8 (e.g. QuantizedArray.with_storage('packed'))")
+
+
 def _array_meta(x) -> dict:
     dtype = jax.random.key_data(x).dtype if _is_key(x) else x.dtype
     return {"shape": list(x.shape), "dtype": np.dtype(dtype).name}
@@ -572,6 +584,10 @@ class Manager:
 
         Returns:
           Whether a checkpoint was started.
+
+        Raises:
+          TypeError: (before anything is written) a base weight such as a ``QuantizedArray``,
+            or an int4/uint4 array, in ``opt_state``, ``adalora`` or ``rng``, naming its path.
         """
         self._empty_trash()  # steps dropped by earlier saves
         info, lora_arrays = _adapter_meta(lora, meta)
@@ -579,6 +595,7 @@ class Manager:
                  "adapter": info, "items": {}}
         args = {"lora": ocp.args.StandardSave(_as_dict(lora_arrays))}
         for name, tree in (("opt_state", opt_state), ("adalora", adalora), ("rng", rng)):
+            _check_storable(name, tree)
             arrays: list = []
             enc = _encode(tree, arrays)
             state["items"][name] = {"tree": enc, "arrays": [_array_meta(x) for x in arrays]}

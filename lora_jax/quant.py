@@ -21,6 +21,11 @@ subnormal (below 1.2e-38) quantize to zero. bf16/f16/f64 inputs are cast to floa
 bitsandbytes does. "int4" (codes -7..7, stored as nibble code + 8, value ``code / 7 * absmax``)
 and "int8" (codes -127..127, one signed byte each, value ``code / 127 * absmax``) are this
 library's symmetric formats, scaled like the 4-bit codes and optionally double quantized too.
+
+Storage of the 4-bit codes: "packed" (default) is the bitsandbytes byte layout above, two codes
+per uint8; "native" keeps one code per element of a 4-bit XLA type (``jnp.uint4``, or
+``jnp.int4`` for "int4"), which backends that pack sub-byte types store two per byte. Both
+dequantize to the same bits.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from flax import struct
 from lora_jax import paths as _paths
 
 FORMATS = ("nf4", "fp4", "int4", "int8")
+STORAGES = ("packed", "native")
 _F32 = np.float32
 _DQ_BLOCK = 256  # bitsandbytes quantizes the absmax in blocks of 256
 
@@ -65,8 +71,12 @@ class QuantizedArray:
     format or block size is a new trace.
 
     Attributes:
-      codes: uint8 with two 4-bit codes per byte (element 2i in the high nibble), or int8 with
-        one code per byte for "int8".
+      codes: the flat codes, padded with the code of 0.0 to an even count for 4-bit formats.
+        "packed" storage: uint8 with two codes per byte (element 2i in the high nibble).
+        "native" storage: one code per element, ``jnp.uint4`` holding the NF4/FP4 table index,
+        or ``jnp.int4`` holding the signed "int4" code (-7..7) itself, so that the stored
+        integers are the weights up to the block scale and an int4 matmul can read them
+        without a table. "int8": int8, one code per byte (its only storage, "packed").
       absmax: float32 absmax per block; with double quantization, its uint8 8-bit codes.
       absmax2: float32 absmax of each 256 (absmax - offset) values, or None.
       offset: float32 scalar mean of the absmax, or None.
@@ -75,6 +85,7 @@ class QuantizedArray:
       block_size: elements per block.
       format: "nf4", "fp4", "int4" or "int8".
       double_quant: whether ``absmax`` is itself quantized.
+      storage: "packed" or "native" (see ``codes``).
     """
 
     codes: jax.Array
@@ -86,6 +97,7 @@ class QuantizedArray:
     block_size: int = struct.field(pytree_node=False)
     format: str = struct.field(pytree_node=False)
     double_quant: bool = struct.field(pytree_node=False)
+    storage: str = struct.field(pytree_node=False, default="packed")
 
     @property
     def dtype(self) -> np.dtype:
@@ -102,9 +114,14 @@ class QuantizedArray:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the stored arrays (codes, scales, second-level scales, offset)."""
+        """Bytes of the stored arrays (codes, scales, second-level scales, offset).
+
+        Native 4-bit codes count half a byte each: XLA's packed layout of 4-bit types, which
+        ``memory_analysis()`` of a compiled program counts. ``jax.Array.nbytes`` counts a byte
+        per uint4/int4 element, and a resident XLA:CPU buffer does hold one byte per element.
+        """
         arrays = (self.codes, self.absmax, self.absmax2, self.offset)
-        return sum(a.size * jnp.dtype(a.dtype).itemsize for a in arrays if a is not None)
+        return sum(-(-a.size * _bits(a.dtype) // 8) for a in arrays if a is not None)
 
     def dequantize(self, dtype: Any = None, *, after: jax.Array | None = None) -> jax.Array:
         """The dense array, in ``dtype`` (default: the original dtype); jittable.
@@ -126,14 +143,31 @@ class QuantizedArray:
         zero = jnp.zeros((), jnp.float32) if after is None else _zero_from(after)
         return _dequantize(self.codes, self.absmax, self.absmax2, self.offset, zero,
                            shape=self.shape, fmt=self.format, block_size=self.block_size,
-                           dtype=out)
+                           dtype=out, storage=self.storage)
 
-    def requantize(self, x: jax.typing.ArrayLike, path: str = "<array>") -> "QuantizedArray":
-        """``x`` quantized with this array's format, block size and double quantization."""
+    def requantize(self, x: jax.typing.ArrayLike, path: str = "<array>") -> QuantizedArray:
+        """``x`` quantized with this array's format, block size, double quantization and
+        storage."""
         return quantize_array(x, self.format, block_size=self.block_size,
-                              double_quant=self.double_quant, path=path)
+                              double_quant=self.double_quant, storage=self.storage, path=path)
 
-    def unstack_leading(self) -> "QuantizedArray | None":
+    def with_storage(self, storage: str, path: str = "<array>") -> QuantizedArray:
+        """The same codes in ``storage`` ("packed" or "native"): exact, jittable.
+
+        >>> q = quantize_array(jnp.linspace(-1.0, 1.0, 64), "nf4")
+        >>> n = q.with_storage("native")
+        >>> str(n.codes.dtype), n.codes.shape, q.nbytes == n.nbytes
+        ('uint4', (64,), True)
+        >>> bool((n.dequantize() == q.dequantize()).all())
+        True
+        """
+        _check_storage(self.format, storage, path)
+        if storage == self.storage:
+            return self
+        codes = _store(_nibbles(self.codes, self.format, self.storage), self.format, storage)
+        return self.replace(codes=codes, storage=storage)
+
+    def unstack_leading(self) -> QuantizedArray | None:
         """The same data with the leading (layer) axis exposed on every stored array.
 
         ``lax.scan`` over the result hands each step a valid ``QuantizedArray`` of shape
@@ -149,18 +183,19 @@ class QuantizedArray:
             return None
         if self.double_quant and nb % _DQ_BLOCK:
             return None
-        return QuantizedArray(
-            self.codes.reshape(n_layers, -1),
-            self.absmax.reshape(n_layers, nb),
-            None if self.absmax2 is None else self.absmax2.reshape(n_layers, nb // _DQ_BLOCK),
-            None if self.offset is None else jnp.broadcast_to(self.offset, (n_layers,)),
-            shape=self.shape[1:], dtype_name=self.dtype_name, block_size=self.block_size,
-            format=self.format, double_quant=self.double_quant)
+        return self.replace(
+            codes=self.codes.reshape(n_layers, -1),
+            absmax=self.absmax.reshape(n_layers, nb),
+            absmax2=None if self.absmax2 is None else self.absmax2.reshape(
+                n_layers, nb // _DQ_BLOCK),
+            offset=None if self.offset is None else jnp.broadcast_to(self.offset, (n_layers,)),
+            shape=self.shape[1:])
 
     def __repr__(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
+        native = ", native" if self.storage == "native" else ""
         return (f"QuantizedArray({self.format}, shape={self.shape}, dtype={self.dtype_name}, "
-                f"block_size={self.block_size}{dq})")
+                f"block_size={self.block_size}{dq}{native})")
 
 
 _paths.register_base_leaf(QuantizedArray)
@@ -340,8 +375,34 @@ def _quantize_absmax(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array
     return codes.reshape(-1)[:nb].astype(jnp.uint8), absmax2, offset
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "block_size", "double_quant"))
-def _quantize(x, *, fmt, block_size, double_quant):
+_NATIVE = {"int4": jnp.int4}  # other 4-bit formats: jnp.uint4 (an index into the code table)
+
+
+def _bits(dtype) -> int:
+    dtype = jnp.dtype(dtype)
+    return 4 if dtype in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4)) else 8 * dtype.itemsize
+
+
+def _store(nibbles: jax.Array, fmt: str, storage: str) -> jax.Array:
+    """4-bit codes (uint8 table indices, an even count) in ``storage``."""
+    if storage == "packed":
+        return (nibbles[0::2] << 4) | nibbles[1::2]
+    if fmt in _NATIVE:  # int4: the signed code, index - 8
+        return (nibbles.astype(jnp.int8) - 8).astype(_NATIVE[fmt])
+    return nibbles.astype(jnp.uint4)
+
+
+def _nibbles(codes: jax.Array, fmt: str, storage: str) -> jax.Array:
+    """The uint8 table index of every stored 4-bit code (inverse of :func:`_store`)."""
+    if storage == "packed":
+        return jnp.stack([codes >> 4, codes & 15], -1).reshape(-1)
+    if fmt in _NATIVE:
+        return (codes.astype(jnp.int8) + 8).astype(jnp.uint8)
+    return codes.astype(jnp.uint8)
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "block_size", "double_quant", "storage"))
+def _quantize(x, *, fmt, block_size, double_quant, storage):
     flat = jnp.ravel(x).astype(jnp.float32)
     bad = jnp.sum(~jnp.isfinite(flat), dtype=jnp.int32)
     absmax, scaled = _scale_blocks(flat, block_size)
@@ -353,7 +414,7 @@ def _quantize(x, *, fmt, block_size, double_quant):
             scaled = jnp.pad(scaled, (0, 1))
         pos = sum((scaled > m).astype(jnp.uint8) for m in midpoints)  # bucketize, right=False
         q = pos if np.array_equal(order, np.arange(16)) else jnp.asarray(order)[pos]
-        codes = (q[0::2] << 4) | q[1::2]
+        codes = _store(q, fmt, storage)
     if not double_quant:
         return codes, absmax, None, None, bad
     return codes, *_quantize_absmax(absmax), bad
@@ -380,8 +441,9 @@ def _zero_from(anchor: jax.Array) -> jax.Array:
     return jnp.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0) * _F32(0)
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "fmt", "block_size", "dtype"))
-def _dequantize(codes, absmax, absmax2, offset, zero, *, shape, fmt, block_size, dtype):
+@functools.partial(jax.jit, static_argnames=("shape", "fmt", "block_size", "dtype", "storage"))
+def _dequantize(codes, absmax, absmax2, offset, zero, *, shape, fmt, block_size, dtype,
+                storage):
     n = math.prod(shape)
     scale = _block_absmax(absmax, absmax2, offset)
     # ``zero`` (an exact 0) ties the codes and the code table, hence every intermediate of
@@ -391,7 +453,7 @@ def _dequantize(codes, absmax, absmax2, offset, zero, *, shape, fmt, block_size,
     if fmt == "int8":
         values = table[codes.astype(jnp.int32) + 128]
     else:
-        values = table[jnp.stack([codes >> 4, codes & 15], -1).reshape(-1)]
+        values = table[_nibbles(codes, fmt, storage)]
     padded = scale.shape[0] * block_size
     values = jnp.pad(values[:padded], (0, max(0, padded - values.shape[0])))
     out = (values.reshape(-1, block_size) * scale[:, None]).reshape(-1)[:n]
@@ -402,14 +464,23 @@ def _dequantize(codes, absmax, absmax2, offset, zero, *, shape, fmt, block_size,
 # Public API.
 
 
-def _check_config(format: str, block_size: int, where: str) -> int:
+def _check_config(format: str, block_size: int, where: str, storage: str = "packed") -> int:
     if format not in FORMATS:
         raise ValueError(
             f"{where}: unknown format {format!r}; expected one of {', '.join(FORMATS)}")
     ok = isinstance(block_size, (int, np.integer)) and not isinstance(block_size, bool)
     if not ok or block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"{where}: block_size must be a power of two >= 16, got {block_size!r}")
+    _check_storage(format, storage, where)
     return int(block_size)
+
+
+def _check_storage(format: str, storage: str, where: str) -> None:
+    if storage not in STORAGES:
+        raise ValueError(f"{where}: unknown storage {storage!r}; expected 'packed' or 'native'")
+    if storage == "native" and format == "int8":
+        raise ValueError(f"{where}: storage='native' is for the 4-bit formats; int8 codes are "
+                         "already one int8 each (use storage='packed')")
 
 
 def quantize_array(
@@ -418,6 +489,7 @@ def quantize_array(
     *,
     block_size: int = 64,
     double_quant: bool = False,
+    storage: str = "packed",
     path: str = "<array>",
 ) -> QuantizedArray:
     """Block-quantizes one floating-point array (jittable; shapes and options are static).
@@ -427,21 +499,28 @@ def quantize_array(
       format: "nf4", "fp4" (both as bitsandbytes 0.50), "int4" or "int8".
       block_size: elements per absmax block, a power of two >= 16.
       double_quant: also quantize the absmax (8-bit dynamic codes per 256 blocks).
+      storage: "packed" (two 4-bit codes per uint8, bitsandbytes' layout) or "native" (one
+        ``jnp.uint4``/``jnp.int4`` element per code, see :class:`QuantizedArray`); the values
+        are the same. "int8" has only "packed".
       path: the parameter's name, used in error messages.
 
     Returns:
       A :class:`QuantizedArray`.
 
     Raises:
-      ValueError: unknown format, bad block size, empty ``x``, or NaN/Inf in ``x``. NaN/Inf
-        are detected only outside ``jax.jit``; under a trace they silently give NaN blocks.
+      ValueError: unknown format or storage, "native" with "int8", bad block size, empty
+        ``x``, or NaN/Inf in ``x``. NaN/Inf are detected only outside ``jax.jit``; under a
+        trace they silently give NaN blocks.
       TypeError: ``x`` has an integer or boolean dtype.
 
     >>> q = quantize_array(jnp.arange(128.0).reshape(2, 64), "nf4")
     >>> q.codes.shape, q.absmax.tolist()
     ((64,), [63.0, 127.0])
+    >>> n = quantize_array(jnp.arange(128.0).reshape(2, 64), "nf4", storage="native")
+    >>> str(n.codes.dtype), n.codes.shape, n.nbytes
+    ('uint4', (128,), 72)
     """
-    block_size = _check_config(format, block_size, path)
+    block_size = _check_config(format, block_size, path, storage)
     if not hasattr(x, "dtype"):
         x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -451,12 +530,13 @@ def quantize_array(
         raise ValueError(f"{path}: cannot quantize an empty array of shape {tuple(x.shape)}")
     double_quant = bool(double_quant)
     codes, absmax, absmax2, offset, bad = _quantize(
-        jnp.asarray(x), fmt=format, block_size=block_size, double_quant=double_quant)
+        jnp.asarray(x), fmt=format, block_size=block_size, double_quant=double_quant,
+        storage=storage)
     if not isinstance(bad, jax.core.Tracer) and int(bad):  # a traced input can't be checked
         raise ValueError(f"{path}: cannot quantize an array with {int(bad)} NaN or Inf value(s)")
     return QuantizedArray(codes, absmax, absmax2, offset, shape=tuple(int(d) for d in x.shape),
                           dtype_name=jnp.dtype(x.dtype).name, block_size=block_size,
-                          format=format, double_quant=double_quant)
+                          format=format, double_quant=double_quant, storage=storage)
 
 
 def _patterns(p: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -476,6 +556,7 @@ def quantize(
     targets: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     min_size: int = 0,
+    storage: str = "packed",
 ) -> Any:
     """Replaces selected leaves of a parameter tree by :class:`QuantizedArray` leaves.
 
@@ -490,19 +571,21 @@ def quantize(
         default: every floating leaf with ndim >= 2 whose last key is "kernel".
       exclude: a regex or list of them; matching leaves stay dense.
       min_size: leaves with fewer elements stay dense.
+      storage: "packed" or "native" 4-bit codes (see :func:`quantize_array`).
 
     Returns:
       A tree of the same structure; leaves already quantized are kept as they are.
 
     Raises:
-      ValueError: a targets pattern matches no floating-point leaf, or a bad format/block size.
+      ValueError: a targets pattern matches no floating-point leaf, or a bad format/block
+        size/storage.
 
     >>> params = {"Dense_0": {"kernel": jnp.ones((64, 8)), "bias": jnp.ones(8)}}
     >>> q = quantize(params, "nf4")
     >>> is_quantized(q["Dense_0"]["kernel"]), is_quantized(q["Dense_0"]["bias"])
     (True, False)
     """
-    block_size = _check_config(format, block_size, "quantize")
+    block_size = _check_config(format, block_size, "quantize", storage)
     targets, exclude = _patterns(targets), _patterns(exclude)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
     used, out = set(), []
@@ -521,7 +604,7 @@ def quantize(
         selected = selected and not any(_match(p, path) for p in exclude)
         if selected and math.prod(leaf.shape) >= min_size:
             leaf = quantize_array(leaf, format, block_size=block_size,
-                                  double_quant=double_quant, path=path)
+                                  double_quant=double_quant, storage=storage, path=path)
         out.append(leaf)
     for p in targets:
         if p not in used:
@@ -550,6 +633,9 @@ def dequantize_tree(tree: Any, dtype: Any = None) -> Any:
 
 def quantized_bytes(tree: Any) -> dict[str, Any]:
     """Storage of the quantized leaves of a tree, measured from their arrays.
+
+    Native 4-bit codes count 4 bits each (see :attr:`QuantizedArray.nbytes`), so both storages
+    of the same format give the same figures.
 
     Returns:
       ``{"leaves": {path: bytes}, "total": bytes, "params": elements, "dense_bytes": bytes in

@@ -525,7 +525,7 @@ _MOVES = {"bitcast", "copy", "transpose", "reshape", "collective-permute", "dyna
           "copy-done", "optimization-barrier", "get-tuple-element", "tuple"}
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\(.*?\)|\S+)\s+([\w\-]+)\((.*?)\)(.*)$")
 _SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128)\[([\d,]*)\]")
-_BYTES = {"pred": 1, "bf16": 2, "c64": 8, "c128": 16}
+_BITS = {"pred": 8, "bf16": 16, "c64": 64, "c128": 128}  # else the digits: s4, u8, f32...
 
 
 def collectives(compiled) -> list[Collective]:
@@ -559,7 +559,7 @@ def collectives(compiled) -> list[Collective]:
                 for dt, dims in _SHAPE.findall(typ)]
 
     def nbytes(typ):
-        return sum(math.prod(s) * _BYTES.get(dt, max(1, int(re.sub(r"\D", "", dt) or 8) // 8))
+        return sum(-(-math.prod(s) * _BITS.get(dt, int(re.sub(r"\D", "", dt) or 8)) // 8)
                    for dt, s in shapes(typ))
 
     def ops_in(comp_names, seen=None):
