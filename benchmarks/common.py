@@ -41,6 +41,24 @@ def time_steps(step, state, n_warmup=2, n_steps=7, extra=()):
     return statistics.median(times), state
 
 
+def time_interleaved(runs, n_warmup=2, n_steps=7):
+    """Median seconds per call of each ``(step, state, extra)``, timed round-robin.
+
+    One step of each variant per round, so a change in machine load during the run hits all
+    variants alike; ratios of these medians are steadier than of back-to-back timings.
+    """
+    states = [state for _, state, _ in runs]
+    times = [[] for _ in runs]
+    for i in range(n_warmup + n_steps):
+        for j, (step, _, extra) in enumerate(runs):
+            t0 = time.perf_counter()
+            states[j] = step(*states[j], *extra)
+            jax.block_until_ready(states[j])
+            if i >= n_warmup:
+                times[j].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
 def fmt_table(header, rows):
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda r: "  ".join(str(x).rjust(w) for x, w in zip(r, widths))  # noqa: E731

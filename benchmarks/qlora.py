@@ -1,6 +1,6 @@
 """QLoRA vs LoRA: base storage, train-step peak memory and time, and quality.
 
-    python benchmarks/qlora.py [--model ref|wide|both] [--quality] [--steps 5]
+    python benchmarks/qlora.py [--model ref|wide|wide-remat|all] [--quality] [--steps 5]
 
 * storage: bytes of the targeted base kernels as float32, bf16, NF4, NF4 + double quant;
 * memory: ``memory_analysis()`` of the compiled train step (arguments + temporaries +
@@ -29,6 +29,8 @@ from lora_jax.models.gpt import GPT, GPTConfig, loss_fn  # noqa: E402
 MODELS = {
     "ref": (GPTConfig(), 8),
     "wide": (GPTConfig(d=1024, mlp=4096, layers=8, heads=8, seq=128), 2),
+    # The same wide model with gradient checkpointing per block (nn.remat), as QLoRA trains.
+    "wide-remat": (GPTConfig(d=1024, mlp=4096, layers=8, heads=8, seq=128, remat=True), 2),
 }
 TARGETS = r".*/(q|k|v|o|up|down)/kernel"
 
@@ -109,20 +111,21 @@ def quality(steps=150, pretrain_steps=300):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="both", choices=["ref", "wide", "both"])
+    ap.add_argument("--model", default="all", choices=[*MODELS, "all"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--quality", action="store_true")
     ap.add_argument("--compute-dtype", default=None)
     args = ap.parse_args(argv)
-    names = ["ref", "wide"] if args.model == "both" else [args.model]
+    names = list(MODELS) if args.model == "all" else [args.model]
     print(f"backend={jax.default_backend()} devices={jax.device_count()}")
     srows, trows = [], []
     for name in names:
         cfg, batch = MODELS[name]
-        rows, params = step_rows(f"{name} (d={cfg.d}, L={cfg.layers}, b={batch})", cfg, batch,
-                                 args.steps, args.compute_dtype)
+        label = f"{name} (d={cfg.d}, L={cfg.layers}, b={batch})"
+        rows, params = step_rows(label, cfg, batch, args.steps, args.compute_dtype)
         trows += rows
-        srows.append(storage_row(name, params))
+        if not cfg.remat:  # same weights as without remat
+            srows.append(storage_row(name, params))
     print("\nBase kernel storage (MiB)")
     print(fmt_table(["model", "params", "float32", "bf16", "NF4", "NF4+DQ"], srows))
     print("\nTrain step (r=8 on q,k,v,o,up,down; AdamW)")

@@ -2,7 +2,7 @@
 
 The reference GPT: 4 layers, d=512, mlp 2048, 8 heads, seq 128, batch 8, vocab 2048;
 LoRA r=8 on q, k, v, o, up, down; AdamW. Prints one table: median step time over the timed
-steps, the ratio to full fine-tuning, compiled FLOPs (``cost_analysis``), peak memory
+steps (the variants take turns, one step each, so load changes hit all alike), the ratio to full fine-tuning, compiled FLOPs (``cost_analysis``), peak memory
 (``memory_analysis``: arguments + temporaries + outputs − aliased) and trainable parameters.
 
     python benchmarks/train_step.py [--scan] [--steps 7] [--small]
@@ -20,7 +20,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
 import lora_jax  # noqa: E402
-from common import compiled_stats, fmt_table, time_steps  # noqa: E402
+from common import compiled_stats, fmt_table, time_interleaved  # noqa: E402
 from lora_jax.models.gpt import GPT, GPTConfig, loss_fn  # noqa: E402
 
 TARGETS = r".*/(q|k|v|o|up|down)/kernel"
@@ -70,17 +70,18 @@ def main(argv=None):
          lora),
         ("LoRA fast path", make_lora_step("fast"), (lora, tx.init(lora)), (params, tokens), lora),
     ]
-    base_time = None
+    compiled = []
     for name, step, state, extra, trainable in variants:
         state = jax.tree.map(jnp.copy, state)  # donation must not delete shared arrays
         jitted = jax.jit(step, donate_argnums=(0, 1))
-        compiled, flops, peak = compiled_stats(jitted, *state, *extra)
-        t, _ = time_steps(compiled, state, n_steps=args.steps, extra=extra)
-        base_time = base_time or t
-        base_flops = rows[0][3] if rows else flops
-        rows.append([name, f"{t * 1e3:.1f}", f"{t / base_time:.3f}", flops,
-                     f"{flops / base_flops:.3f}", f"{peak / 2**20:.1f}",
+        c, flops, peak = compiled_stats(jitted, *state, *extra)
+        compiled.append((c, state, extra))
+        rows.append([name, None, None, flops, None, f"{peak / 2**20:.1f}",
                      f"{lora_jax.param_count(trainable):,}"])
+    times = time_interleaved(compiled, n_steps=args.steps)
+    for r, t in zip(rows, times):
+        r[1], r[2] = f"{t * 1e3:.1f}", f"{t / times[0]:.3f}"
+        r[4] = f"{r[3] / rows[0][3]:.3f}"
     for r in rows:
         r[3] = f"{r[3] / 1e9:.2f}"
     print(f"backend={jax.default_backend()} devices={jax.device_count()} scan={cfg.scan} "

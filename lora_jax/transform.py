@@ -385,16 +385,39 @@ def _split_tagged(vals):
 
 
 def _remat(cfg, eqn, invals):
-    plain, rebuild = _split_tagged(invals)
     jaxpr = eqn.params["jaxpr"]
+    if eqn.params.get("policy") is not None:  # a saving policy: JAX's own checkpoint
+        plain, rebuild = _split_tagged(invals)
+        fn = jax.checkpoint(lambda *a: _concrete(_eval_closed(cfg, jaxpr, rebuild(a))),
+                            prevent_cse=eqn.params.get("prevent_cse", True),
+                            policy=eqn.params.get("policy"))
+        return fn(*plain)
+    # Weights enter as explicit (base, adapter) arguments so the custom VJP sees them.
+    tagged = [v for v in invals if _is_tagged(v)]
+    plain = [v for v in invals if not _is_tagged(v)]
+    start = dict(cfg.use_count)
+    traced = []
 
-    def body(*args):
-        return _concrete(_eval_closed(cfg, jaxpr, rebuild(args)))
+    def body(plain_, bases, loras):
+        # Traced for the forward pass and again for the recomputation: both must draw the
+        # same dropout keys, and the report records the first trace only.
+        report = cfg.report
+        cfg.use_count.clear()
+        cfg.use_count.update(start)
+        if traced:
+            cfg.report = None
+        traced.append(True)
+        try:
+            it_p = iter(plain_)
+            it_t = iter(dataclasses.replace(t, base=b, lora=lr)
+                        for t, b, lr in zip(tagged, bases, loras))
+            vals = [next(it_t) if _is_tagged(v) else next(it_p) for v in invals]
+            return _concrete(_eval_closed(cfg, jaxpr, vals))
+        finally:
+            cfg.report = report
 
-    fn = jax.checkpoint(
-        body, prevent_cse=eqn.params.get("prevent_cse", True), policy=eqn.params.get("policy")
-    )
-    return fn(*plain)
+    fn = fast_dot.remat(body, frozen=(False, True, False))
+    return fn(plain, [t.base for t in tagged], [t.lora for t in tagged])
 
 
 def _cond(cfg, eqn, invals):
