@@ -395,7 +395,11 @@ def _store(nibbles: jax.Array, fmt: str, storage: str) -> jax.Array:
 def _nibbles(codes: jax.Array, fmt: str, storage: str) -> jax.Array:
     """The uint8 table index of every stored 4-bit code (inverse of :func:`_store`)."""
     if storage == "packed":
-        return jnp.stack([codes >> 4, codes & 15], -1).reshape(-1)
+        # Each byte broadcast to its two elements, then shifted: one elementwise loop that
+        # XLA fuses into the consumer (a stack of the two nibbles does not fuse as well).
+        pair = jnp.broadcast_to(codes[:, None], (codes.shape[0], 2))
+        shift = jnp.array([4, 0], codes.dtype)
+        return ((pair >> shift) & 15).reshape(-1)
     if fmt in _NATIVE:
         return (codes.astype(jnp.int8) + 8).astype(jnp.uint8)
     return codes.astype(jnp.uint8)
