@@ -191,17 +191,12 @@ def lora_dot_general(x, base, leaf, spec: DotSpec):
         x, base, leaf = res
         w = merged_view(base, leaf, spec.ops, anchor=dy)  # recomputed: no weight residual
         (dx,) = jax.linear_transpose(lambda x_: _dot(x_, w, spec), x)(dy)
-        _, vjp_l = jax.vjp(lambda l: lowrank(x, l, spec), leaf)
-        (dl,) = vjp_l(dy.astype(_out_dtype(x, spec)))
+        y_low, vjp_l = jax.vjp(lambda l: lowrank(x, l, spec), leaf)
+        (dl,) = vjp_l(dy.astype(y_low.dtype))
         return dx, None, dl
 
     f.defvjp(fwd, bwd)
     return f(x, base, leaf)
-
-
-def _out_dtype(x, spec):
-    pet = dict(spec.params).get("preferred_element_type")
-    return pet if pet is not None else jnp.result_type(x.dtype, spec.view_dtype)
 
 
 def dropout_dot_general(x, x_dropped, base, leaf, spec: DotSpec):

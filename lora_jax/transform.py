@@ -398,10 +398,13 @@ def _remat(cfg, eqn, invals):
     start = dict(cfg.use_count)
     traced = []
 
-    def body(plain_, bases, loras):
+    def body(plain_, bases, loras, rng):
         # Traced for the forward pass and again for the recomputation: both must draw the
-        # same dropout keys, and the report records the first trace only.
-        report = cfg.report
+        # same dropout keys, and the report records the first trace only. The dropout key
+        # is an argument, not a closure: inside a scan it is the step's key, a tracer that
+        # the backward pass's trace must not capture.
+        report, outer_rng = cfg.report, cfg.rng
+        cfg.rng = rng
         cfg.use_count.clear()
         cfg.use_count.update(start)
         if traced:
@@ -414,10 +417,10 @@ def _remat(cfg, eqn, invals):
             vals = [next(it_t) if _is_tagged(v) else next(it_p) for v in invals]
             return _concrete(_eval_closed(cfg, jaxpr, vals))
         finally:
-            cfg.report = report
+            cfg.report, cfg.rng = report, outer_rng
 
-    fn = fast_dot.remat(body, frozen=(False, True, False))
-    return fn(plain, [t.base for t in tagged], [t.lora for t in tagged])
+    fn = fast_dot.remat(body, frozen=(False, True, False, True))
+    return fn(plain, [t.base for t in tagged], [t.lora for t in tagged], cfg.rng)
 
 
 def _cond(cfg, eqn, invals):
