@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import jax
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import compiled_stats, fmt_table, time_steps
+from common import compiled_stats, fmt_table, time_interleaved
 
 import lora_jax
 from lora_jax.models.gpt import GPT, GPTConfig, loss_fn
@@ -66,28 +65,23 @@ def rows_for(name, cfg, batch, steps):
         upd, o = tx.update(g, o, l)
         return optax.apply_updates(l, upd), o
 
-    runs = {}
+    bases, runs = {}, []
     for storage in ("packed", "native"):
         base = lora_jax.quantize(params, "nf4", double_quant=True, storage=storage)
         state = jax.tree.map(jnp.copy, (lora, tx.init(lora)))
         compiled, _, _ = compiled_stats(jax.jit(step, donate_argnums=(0, 1)), *state, base, tok)
-        _, state = time_steps(compiled, state, n_steps=1, extra=(base, tok))  # warm-up
-        runs[storage] = {"base": base, "step": compiled, "state": state, "times": []}
-    for _ in range(steps):  # alternate the variants' steps
-        for r in runs.values():
-            t, r["state"] = time_steps(r["step"], r["state"], n_warmup=0, n_steps=1,
-                                       extra=(r["base"], tok))
-            r["times"].append(t)
+        bases[storage] = base
+        runs.append((compiled, state, (base, tok)))
+    times = time_interleaved(runs, n_warmup=1, n_steps=steps)  # the variants take turns
     rows = []
-    t0 = statistics.median(runs["packed"]["times"])
-    for storage, r in runs.items():
-        stats = lora_jax.quantized_bytes(r["base"])
-        mem = r["step"].memory_analysis()
-        t = statistics.median(r["times"])
+    for (storage, base), (compiled, _, _), t in zip(bases.items(), runs, times):
+        stats = lora_jax.quantized_bytes(base)
+        mem = compiled.memory_analysis()
         rows.append([name, storage, f"{stats['total'] / MIB:.2f}",
-                     f"{buffer_bytes(r['base']) / MIB:.2f}", f"{stats['bits_per_param']:.3f}",
+                     f"{buffer_bytes(base) / MIB:.2f}", f"{stats['bits_per_param']:.3f}",
                      f"{mem.argument_size_in_bytes / MIB:.2f}",
-                     f"{mem.temp_size_in_bytes / MIB:.1f}", f"{t * 1e3:.0f}", f"{t / t0:.3f}"])
+                     f"{mem.temp_size_in_bytes / MIB:.1f}", f"{t * 1e3:.0f}",
+                     f"{t / times[0]:.3f}"])
     return rows
 
 
