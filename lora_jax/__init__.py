@@ -4,6 +4,9 @@ from lora_jax import adalora
 from lora_jax import checkpoint
 from lora_jax import peft
 from lora_jax import sharding
+from lora_jax.layouts import Layouts
+from lora_jax.layouts import WeightLayout
+from lora_jax.layouts import trace
 from lora_jax.lora import LoraWeight
 from lora_jax.lora import base_param_count
 from lora_jax.lora import init
@@ -24,6 +27,9 @@ from lora_jax.train import optimizer
 from lora_jax.train import split
 from lora_jax.train import trainable_mask
 from lora_jax.transform import LoraFallbackError
+from lora_jax.transform import Report
+from lora_jax.transform import Use
+from lora_jax.transform import WeightReport
 from lora_jax.transform import apply
 from lora_jax.transform import report
 
@@ -31,10 +37,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FORMATS",
+    "Layouts",
     "LoraFallbackError",
     "LoraWeight",
     "QuantizedArray",
+    "Report",
     "Rule",
+    "Use",
+    "WeightLayout",
+    "WeightReport",
     "adalora",
     "checkpoint",
     "peft",
@@ -54,6 +65,7 @@ __all__ = [
     "sharding",
     "split",
     "summary",
+    "trace",
     "trainable_mask",
     "unmerge",
 ]

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from lora_jax import layouts as Lay
 from lora_jax import lora as L
 from lora_jax import paths as P
 
@@ -74,6 +75,7 @@ class AdaLoraWeight(L.LowRankLeaf):
       in_axes: how many kernel axes (after the stack axes) are the input (static).
       stack_axes: leading axes that stack layers (static); every slice is its own module.
       dropout: dropout rate on the adapter's input path (static).
+      roles: the kernel's layout (static; see :class:`lora_jax.LoraWeight`).
     """
 
     p: jax.Array
@@ -84,6 +86,7 @@ class AdaLoraWeight(L.LowRankLeaf):
     in_axes: int = struct.field(pytree_node=False, default=1)
     stack_axes: int = struct.field(pytree_node=False, default=0)
     dropout: float = struct.field(pytree_node=False, default=0.0)
+    roles: str = struct.field(pytree_node=False, default="")
 
     kind = "AdaLoRA"
 
@@ -128,6 +131,7 @@ def init(
     stack_axes: int | Mapping[str, int] | None = None,
     dtype=jnp.float32,
     dropout: float = 0.0,
+    layouts: Mapping[str, Any] | None = None,
 ) -> dict:
     """Creates an AdaLoRA tree for ``params`` (PEFT ``AdaLoraLayer.reset_lora_parameters``).
 
@@ -143,7 +147,8 @@ def init(
       key: a PRNG key; each leaf uses ``fold_in(key, crc32(path))``.
       alpha: PEFT's ``lora_alpha``; ``None`` or ``0`` mean ``init_r`` (PEFT uses ``r`` when
         ``lora_alpha`` is 0; note PEFT's config default is 8).
-      targets, exclude, rules, in_axes, stack_axes: as in :func:`lora_jax.init`.
+      targets, exclude, rules, in_axes, stack_axes, layouts: as in :func:`lora_jax.init`
+        (P spans the input axes, Q the output axes).
       dtype: dtype of P, E and Q.
       dropout: PEFT's ``lora_dropout`` on the adapter input path.
 
@@ -168,20 +173,21 @@ def init(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     spec = L.resolve_targets(
         params, r=init_r, alpha=alpha, targets=targets, exclude=exclude, rules=rules,
-        in_axes=in_axes, stack_axes=stack_axes,
+        in_axes=in_axes, stack_axes=stack_axes, layouts=layouts,
     )
     out = {}
     for path, s in spec.items():
         k = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
         kp, kq = jax.random.split(k)
-        shape, r, ia, sa = s["shape"], s["r"], s["in_axes"], s["stack_axes"]
-        stack, in_dims, out_dims = shape[:sa], shape[sa : sa + ia], shape[sa + ia :]
+        shape, r, roles = s["shape"], s["r"], s["roles"]
+        stack, in_dims, out_dims = Lay.split(roles, shape)
+        canonical = roles == Lay.canonical(len(shape), len(in_dims), len(stack))
         out[path] = AdaLoraWeight(
             p=_normal(kp, stack + in_dims + (r,), dtype),
             e=jnp.zeros(stack + (r,), dtype),
             q=_normal(kq, stack + (r,) + out_dims, dtype),
-            alpha=float(s["alpha"] or r), target_r=target_r, in_axes=ia, stack_axes=sa,
-            dropout=dropout,
+            alpha=float(s["alpha"] or r), target_r=target_r, in_axes=len(in_dims),
+            stack_axes=len(stack), dropout=dropout, roles="" if canonical else roles,
         )
     return L.from_leaves(out)
 
@@ -477,7 +483,8 @@ def finalize(lora: PyTree, state: AllocatorState) -> tuple[dict, dict[str, int]]
         a = np.take_along_axis(pe, idx.reshape(idx.shape[:-1] + (1,) * nin + (rank,)), axis=-1)
         b = np.take_along_axis(q, idx.reshape(idx.shape + (1,) * nout), axis=sa)
         out[path] = L.LoraWeight(a=jnp.asarray(a), b=jnp.asarray(b), alpha=w.scale * rank,
-                                 in_axes=w.in_axes, stack_axes=sa, dropout=w.dropout)
+                                 in_axes=w.in_axes, stack_axes=sa, dropout=w.dropout,
+                                 roles=w.roles)
     return L.from_leaves(out), ranks
 
 

@@ -19,19 +19,23 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lora_jax import layouts as Lay
 from lora_jax import paths as P
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """How a weight view's contracted/free dims map onto the kernel's input/output axes."""
+    """How a weight view's contracted, free and batch dims map onto the adapter's axes."""
 
     contract_in: bool  # the matmul contracts the kernel's input axes (x·W); else output (x·Wᵀ)
     c_atoms: tuple  # kernel axes flattened into the contracted dims, in order
     f_atoms: tuple  # kernel axes flattened into the free dims, in order
+    b_atoms: tuple  # kernel (stack) axes flattened into the batch dims, in order
     c_shape: tuple  # sizes of the weight view's contracted dims (dot_general order)
     f_shape: tuple  # sizes of the weight view's free dims
-    in_axes: int
+    b_shape: tuple  # sizes of the weight view's batch dims
+    fixed: tuple  # (kernel stack axis, index) pairs the model indexed with a constant
+    roles: str  # the adapter's layout
     kernel_shape: tuple
 
 
@@ -41,6 +45,7 @@ class DotSpec:
     ops: tuple  # view ops replayed on the kernel
     w_is_lhs: bool
     x_contract: tuple
+    x_batch: tuple
     params: tuple  # the original dot_general params, as sorted items
     view_dtype: Any
 
@@ -91,27 +96,31 @@ def merged_view(base, leaf, ops, anchor=None) -> jax.Array:
 
 
 def _factor_views(leaf, lay: Layout, dtype):
-    """``U (*c_shape, r)`` and ``V (r, *f_shape)`` with ``view(A·B) = U·V`` over r."""
+    """``U (*b_shape, *c_shape, r)`` and ``V (*b_shape, r, *f_shape)`` with
+    ``view(A·B) = U·V`` over r, batched over the weight view's batch dims."""
     a, b = leaf.factors()
-    ks, ia = lay.kernel_shape, lay.in_axes
-    rest_in = tuple(k for k in range(ia) if k not in lay.c_atoms + lay.f_atoms)
-    rest_out = tuple(k for k in range(ia, len(ks)) if k not in lay.c_atoms + lay.f_atoms)
+    stack, ins, outs = Lay.split(lay.roles, range(len(lay.roles)))
     r = a.shape[-1]
-
-    def from_a(atoms):  # A axes: kernel input axis k -> k, rank -> ia
-        return atoms + rest_in
-
-    def from_b(atoms):  # B axes: rank -> 0, kernel output axis k -> k - ia + 1
-        return tuple(k - ia + 1 for k in atoms + rest_out)
-
+    a_pos = {k: j for j, k in enumerate(stack + ins)}  # A: (*stack, *in, r)
+    b_pos = {k: j for j, k in enumerate(stack)}  # B: (*stack, r, *out)
+    b_pos.update({k: len(stack) + 1 + j for j, k in enumerate(outs)})
+    a_rank, b_rank = len(stack) + len(ins), len(stack)
+    for k, idx in lay.fixed:  # w[i] on a stack axis: that adapter's factors
+        a = lax.index_in_dim(a, idx, a_pos[k], keepdims=True)
+        b = lax.index_in_dim(b, idx, b_pos[k], keepdims=True)
+    used = set(lay.b_atoms + lay.c_atoms + lay.f_atoms)
+    rest = lambda axes: tuple(k for k in axes if k not in used)  # noqa: E731 (size-1 axes)
+    lead = lay.b_atoms + rest(stack)
     if lay.contract_in:
-        u = a.transpose(from_a(lay.c_atoms) + (ia,))
-        v = b.transpose((0,) + from_b(lay.f_atoms))
+        u = a.transpose([a_pos[k] for k in lead + lay.c_atoms + rest(ins)] + [a_rank])
+        v = b.transpose([b_pos[k] for k in lead] + [b_rank]
+                        + [b_pos[k] for k in lay.f_atoms + rest(outs)])
     else:
-        u = b.transpose(from_b(lay.c_atoms) + (0,))
-        v = a.transpose((ia,) + from_a(lay.f_atoms))
-    u = u.reshape(lay.c_shape + (r,)).astype(dtype)
-    v = v.reshape((r,) + lay.f_shape).astype(dtype)
+        u = b.transpose([b_pos[k] for k in lead + lay.c_atoms + rest(outs)] + [b_rank])
+        v = a.transpose([a_pos[k] for k in lead] + [a_rank]
+                        + [a_pos[k] for k in lay.f_atoms + rest(ins)])
+    u = u.reshape(lay.b_shape + lay.c_shape + (r,)).astype(dtype)
+    v = v.reshape(lay.b_shape + (r,) + lay.f_shape).astype(dtype)
     return u, v
 
 
@@ -129,23 +138,27 @@ def _thin(x, u, v, scale, spec: DotSpec):
     0.25 ms at 1024×512, r=8). The backward pass computes every factor gradient rank-major
     and transposes the small result behind an ``optimization_barrier`` so that XLA does not
     fold the transpose back into the matmul.
+
+    Batch dims (a stack axis the model batches over, e.g. block-diagonal kernels) lead every
+    intermediate, as in ``dot_general``'s output.
     """
     params = dict(spec.params)
     pet = params.get("preferred_element_type")
     prec = params.get("precision")
-    nc = len(spec.layout.c_shape)
-    free = tuple(d for d in range(x.ndim) if d not in spec.x_contract)  # x's free dims
-    nxf, nf = len(free), v.ndim - 1
+    nb, nc = len(spec.x_batch), len(spec.layout.c_shape)
+    xb = tuple(range(nb))  # batch dims lead every intermediate
+    free = tuple(d for d in range(x.ndim) if d not in spec.x_contract and d not in spec.x_batch)
+    nxf, nf = len(free), v.ndim - 1 - nb
     # Positions in y (and dy) of x's free dims and of the weight's free dims.
-    y_x = tuple(range(nf, nf + nxf)) if spec.w_is_lhs else tuple(range(nxf))
-    y_f = tuple(range(nf)) if spec.w_is_lhs else tuple(range(nxf, nxf + nf))
+    y_x = tuple(range(nb + nf, nb + nf + nxf)) if spec.w_is_lhs else tuple(range(nb, nb + nxf))
+    y_f = tuple(range(nb, nb + nf)) if spec.w_is_lhs else tuple(range(nb + nxf, nb + nxf + nf))
 
-    def dg(a, b, ca, cb):
-        return lax.dot_general(a, b, ((tuple(ca), tuple(cb)), ((), ())), precision=prec,
-                               preferred_element_type=pet)
+    def dg(a, b, ca, cb, ba=(), bb=()):
+        return lax.dot_general(a, b, ((tuple(ca), tuple(cb)), (tuple(ba), tuple(bb))),
+                               precision=prec, preferred_element_type=pet)
 
-    def xu_of(x, u):  # (*x_free, r)
-        return dg(x, u, spec.x_contract, range(nc)).astype(v.dtype)
+    def xu_of(x, u):  # (*b, *x_free, r)
+        return dg(x, u, spec.x_contract, range(nb, nb + nc), spec.x_batch, xb).astype(v.dtype)
 
     @jax.custom_vjp
     def f(x, u, v):
@@ -154,22 +167,23 @@ def _thin(x, u, v, scale, spec: DotSpec):
     def fwd(x, u, v):
         xu = xu_of(x, u)
         if spec.w_is_lhs:
-            y = dg(v, xu, (0,), (xu.ndim - 1,))
+            y = dg(v, xu, (nb,), (xu.ndim - 1,), xb, xb)
         else:
-            y = dg(xu, v, (xu.ndim - 1,), (0,))
+            y = dg(xu, v, (xu.ndim - 1,), (nb,), xb, xb)
         return (scale * y).astype(y.dtype), (x, u, v, xu)
 
     def bwd(res, dy):
         x, u, v, xu = res
         dy = dy.astype(v.dtype)
-        g = (scale * dg(dy, v, y_f, range(1, nf + 1))).astype(v.dtype)  # (*x_free, r)
-        dv = (scale * dg(xu, dy, range(nxf), y_x)).astype(v.dtype)  # (r, *f_shape)
-        dx = dg(g, u, (nxf,), (nc,))  # (*x_free, *c) -> x's layout
-        c_sorted = sorted(spec.x_contract)
-        order = list(free) + list(spec.x_contract)
+        g = (scale * dg(dy, v, y_f, range(nb + 1, nb + 1 + nf), xb, xb)).astype(v.dtype)
+        dv = (scale * dg(xu, dy, range(nb, nb + nxf), y_x, xb, xb)).astype(v.dtype)
+        dx = dg(g, u, (nb + nxf,), (nb + nc,), xb, xb)  # (*b, *x_free, *c) -> x's layout
+        order = list(spec.x_batch) + list(free) + list(spec.x_contract)
         dx = dx.transpose([order.index(d) for d in range(x.ndim)]).astype(x.dtype)
-        du_t = lax.optimization_barrier(dg(g, x, range(nxf), free))  # (r, *c in x order)
-        perm = tuple(1 + c_sorted.index(d) for d in spec.x_contract) + (0,)
+        du_t = lax.optimization_barrier(
+            dg(g, x, range(nb, nb + nxf), free, xb, spec.x_batch))  # (*b, r, *c in x order)
+        c_sorted = sorted(spec.x_contract)
+        perm = xb + tuple(nb + 1 + c_sorted.index(d) for d in spec.x_contract) + (nb,)
         du = du_t.transpose(perm).astype(u.dtype)
         return dx, du, dv
 

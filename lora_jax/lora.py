@@ -1,13 +1,15 @@
 """LoRA leaves, ``init``, ``merge`` and ``unmerge``.
 
 A LoRA tree mirrors the parameter tree, holding a :class:`LoraWeight` at every targeted path
-and nothing elsewhere. Each leaf stores the factors in the kernel's own axis layout:
+and nothing elsewhere. A kernel's axes are its stack, input and output axes (its *roles*, see
+:mod:`lora_jax.layouts`: learned from the model by :func:`lora_jax.trace`, or from names).
+Each leaf stores the factors with those axes in the kernel's own order within each group:
 
 * ``a``: ``(*stack, *in_dims, r)``  (PEFT's ``lora_A.weight`` transposed)
 * ``b``: ``(*stack, r, *out_dims)`` (PEFT's ``lora_B.weight`` transposed)
 
-so that ``kernel + scale * tensordot(a, b, 1)`` is the adapted kernel, with
-``scale = alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA).
+so that ``kernel + scale * tensordot(a, b, 1)``, laid out in the kernel's axis order, is the
+adapted kernel, with ``scale = alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA).
 
 >>> import jax, jax.numpy as jnp, lora_jax
 >>> params = {"params": {"Dense_0": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}}
@@ -28,24 +30,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from lora_jax import layouts as Lay
 from lora_jax import paths as P
 
 PyTree = Any
 
 
 class LowRankLeaf:
-    """What the transform needs from an adapter leaf (LoRA, AdaLoRA, ...).
+    """What the library needs from an adapter leaf (LoRA, AdaLoRA, ...).
 
-    A subclass is a ``flax.struct.dataclass`` whose array fields all carry the ``stack_axes``
-    leading axes, and which provides:
+    A subclass is a ``flax.struct.dataclass`` whose array fields all carry the stack axes
+    first, and which provides:
 
     * ``factors() -> (A, B)`` with ``A: (*stack, *in_dims, r)`` and ``B: (*stack, r, *out_dims)``
-      such that the weight update is ``scale * tensordot(A, B, 1)`` (batched over stack axes);
-    * static ``in_axes``, ``stack_axes``, ``dropout`` and a ``scale`` property.
+      such that the weight update is ``scale * tensordot(A, B, 1)`` (batched over stack axes),
+      laid out in the kernel's axes by :attr:`layout`;
+    * static ``in_axes``, ``stack_axes`` (how many input and stack axes), ``roles`` (the
+      kernel's layout, see :mod:`lora_jax.layouts`; ``""`` for the canonical
+      ``(*stack, *in, *out)``), ``dropout``, and a ``scale`` property.
     """
 
     in_axes: int
     stack_axes: int
+    roles: str
     dropout: float
     kind = "LoRA"  # name shown by summary()
 
@@ -73,17 +80,42 @@ class LowRankLeaf:
         return tuple(self.factors()[1].shape[self.stack_axes + 1 :])
 
     @property
+    def layout(self) -> str:
+        """One role per kernel axis: ``"s"`` stack, ``"i"`` input, ``"o"`` output."""
+        n = self.stack_axes + self.in_axes + len(self.out_shape)
+        if not self.roles:
+            return Lay.canonical(n, self.in_axes, self.stack_axes)
+        r = self.roles
+        if len(r) != n or r.count(Lay.STACK) != self.stack_axes or r.count(Lay.IN) != self.in_axes:
+            raise ValueError(f"adapter roles {r!r} do not fit factors with {self.stack_axes} "
+                             f"stack, {self.in_axes} input and {len(self.out_shape)} output axes")
+        return r
+
+    @property
     def kernel_shape(self) -> tuple[int, ...]:
-        return self.stack_shape + self.in_shape + self.out_shape
+        s, i, o = iter(self.stack_shape), iter(self.in_shape), iter(self.out_shape)
+        pick = {Lay.STACK: s, Lay.IN: i, Lay.OUT: o}
+        return tuple(next(pick[c]) for c in self.layout)
 
     def delta(self, dtype=None) -> jax.Array:
-        """The dense weight update ``scale * A @ B`` in the kernel's shape."""
+        """The dense weight update ``scale * A @ B`` in the kernel's shape and axis order."""
         a, b = self.factors()
         s = self.stack_shape
         a2 = a.reshape(s + (math.prod(self.in_shape), a.shape[-1]))
         b2 = b.reshape(s + (b.shape[self.stack_axes], math.prod(self.out_shape)))
-        d = (self.scale * jnp.matmul(a2, b2)).reshape(self.kernel_shape)
+        d = (self.scale * jnp.matmul(a2, b2)).reshape(s + self.in_shape + self.out_shape)
+        if self.roles and self.roles != Lay.canonical(d.ndim, self.in_axes, self.stack_axes):
+            d = jnp.transpose(d, Lay.from_canonical(self.roles))
         return d if dtype is None else d.astype(dtype)
+
+    def unstack_leading(self):
+        """This adapter's metadata for one index of the kernel's first axis (a stack axis):
+        the adapter of one layer inside a ``scan``, whose arrays the scan slices. Reads no
+        array shapes, so it applies to the sliced leaf too."""
+        if (self.roles and self.roles[0] != Lay.STACK) or (not self.roles and self.stack_axes < 1):
+            raise ValueError(f"the kernel's first axis is not a stack axis (roles {self.roles!r}, "
+                             f"{self.stack_axes} stack axes)")
+        return self.replace(stack_axes=self.stack_axes - 1, roles=self.roles[1:])
 
 
 @struct.dataclass
@@ -95,9 +127,11 @@ class LoraWeight(LowRankLeaf):
       b: ``(*stack, r, *out_dims)`` factor (zeros at init).
       alpha: LoRA alpha (static).
       rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r`` (static).
-      in_axes: how many kernel axes (after the stack axes) are the input (static).
-      stack_axes: leading axes that stack layers, e.g. from ``nn.scan`` (static).
+      in_axes: how many kernel axes are the input (static).
+      stack_axes: how many kernel axes are stack axes, e.g. from ``nn.scan`` (static).
       dropout: dropout rate on the LoRA input path, as PEFT's ``lora_dropout`` (static).
+      roles: the kernel's layout, one of ``"s"``/``"i"``/``"o"`` per kernel axis (static; see
+        :mod:`lora_jax.layouts`); ``""`` means ``(*stack, *in, *out)``.
     """
 
     a: jax.Array
@@ -107,6 +141,7 @@ class LoraWeight(LowRankLeaf):
     in_axes: int = struct.field(pytree_node=False, default=1)
     stack_axes: int = struct.field(pytree_node=False, default=0)
     dropout: float = struct.field(pytree_node=False, default=0.0)
+    roles: str = struct.field(pytree_node=False, default="")
 
     def factors(self):
         return self.a, self.b
@@ -163,22 +198,25 @@ def resolve_targets(
     rules: Sequence[P.Rule] | None,
     in_axes: int | Mapping[str, int] | None,
     stack_axes: int | Mapping[str, int] | None,
+    layouts: Mapping[str, Any] | None = None,
 ) -> dict[str, dict]:
     """Chooses the targeted paths and their settings; raises on bad input.
 
-    Returns ``{path: dict(shape, dtype, leaf, r, alpha, in_axes, stack_axes)}``.
+    A target's layout (its roles string) comes from, in order: a matching rule's ``roles``;
+    explicit ``in_axes``/``stack_axes`` (argument or rule); ``layouts`` (from
+    :func:`lora_jax.trace`); the parameter's name (:func:`lora_jax.layouts.from_names`).
+
+    Returns ``{path: dict(shape, leaf, r, alpha, roles, in_axes, stack_axes)}``.
     """
     flat = P.flatten(params)
     target_pats = P.as_patterns(targets)
     exclude_pats = P.as_patterns(exclude)
     rules = tuple(rules or ())
     for pat in target_pats + exclude_pats:
-        try:
-            import re
-
-            re.compile(pat)
-        except re.error as e:
-            raise ValueError(f"target pattern {pat!r} is not a valid regex: {e}") from e
+        P.check_pattern(pat, "target pattern")
+    if layouts is not None and not isinstance(layouts, Mapping):
+        raise TypeError(f"layouts must be the result of lora_jax.trace(fn, params, *args), got "
+                        f"a {type(layouts).__name__}")
 
     if target_pats:
         for pat in target_pats:
@@ -189,7 +227,19 @@ def resolve_targets(
                 )
         cands = [(p, x) for p, x in flat if P.matches(p, target_pats)]
     else:
-        cands = [(p, x) for p, x in flat if P.is_default_target(p, x)]
+        if layouts is not None:
+            dense = {p for p, w in layouts.items() if w.kind == "dense"}
+            cands = [(p, x) for p, x in flat if p in dense]
+            what = "weights that the traced function reads with a matmul"
+        else:
+            cands = [(p, x) for p, x in flat if P.is_default_target(p, x)]
+            what = "float weights named " + "/".join(P.KERNEL_NAMES) + " with >= 2 axes"
+        if not cands:
+            raise ValueError(
+                f"no parameter selected for LoRA: the default targets are {what}, and "
+                f"there are none; paths look like {_examples(flat)}. Pass targets= (regexes "
+                "over these paths)" + ("" if layouts is not None else
+                                       " or layouts=lora_jax.trace(fn, params, *args)"))
         if rules:
             for rule in rules:
                 if rule.r != 0 and not any(P.matches(p, (rule.pattern,)) for p, _ in cands):
@@ -215,47 +265,50 @@ def resolve_targets(
         aa = float(rr if aa is None else aa)
         shape = tuple(getattr(x, "shape", ()))
         dtype = getattr(x, "dtype", None)
-        if not P._is_float(x):
+        if not P.is_float(x):
             raise TypeError(f"LoRA target {path!r} has dtype {dtype}, expected a float kernel")
-        sa = _per_path(stack_axes, path, rule.stack_axes if rule else None, 0)
-        if len(shape) - sa < 2:
+        roles = _roles_for(path, shape, rule, in_axes, stack_axes, layouts)
+        stack, ins, outs = Lay.split(roles, shape)
+        n_in, n_out = math.prod(ins), math.prod(outs)
+        if not isinstance(rr, (int, np.integer)) or isinstance(rr, bool) or not (
+                1 <= rr <= min(n_in, n_out)):
             raise ValueError(
-                f"LoRA target {path!r} has shape {shape} ({sa} stack axes), expected a kernel "
-                "with at least two axes"
-            )
-        ia = _per_path(in_axes, path, rule.in_axes if rule else None, None)
-        if ia is None:
-            ia = P.default_in_axes(path, shape, sa)
-        core = shape[sa:]
-        if not 1 <= ia < len(core):
-            raise ValueError(
-                f"LoRA target {path!r}: in_axes={ia} does not split kernel shape {core} into "
-                "input and output axes"
-            )
-        n_in, n_out = math.prod(core[:ia]), math.prod(core[ia:])
-        if not isinstance(rr, int) or rr < 1 or rr > min(n_in, n_out):
-            raise ValueError(
-                f"LoRA target {path!r}: rank r={rr} must be between 1 and min(in, out) = "
-                f"min({n_in}, {n_out}) = {min(n_in, n_out)}"
+                f"LoRA target {path!r} (shape {shape}, roles {roles!r}): rank r={rr!r} must be "
+                f"an integer between 1 and min(in, out) = min({n_in}, {n_out}) = "
+                f"{min(n_in, n_out)}"
             )
         _check_finite(path, x)
-        out[path] = dict(leaf=x, shape=shape, r=rr, alpha=aa, in_axes=ia, stack_axes=sa)
+        out[path] = dict(leaf=x, shape=shape, r=int(rr), alpha=aa, roles=roles,
+                         in_axes=len(ins), stack_axes=len(stack))
     if not out:
         raise ValueError("every selected parameter has rank 0: no LoRA target left")
     return out
 
 
-def _per_path(arg, path, rule_value, default):
-    if rule_value is not None:
-        return rule_value
-    if arg is None:
-        return default
-    if isinstance(arg, int):
-        return arg
-    for pat, v in arg.items():
-        if P.matches(path, (pat,)):
-            return v
-    return default
+def _roles_for(path, shape, rule, in_axes, stack_axes, layouts) -> str:
+    """A target's roles; see :func:`resolve_targets` for the order of precedence."""
+    if rule is not None and rule.roles is not None:
+        return Lay.check(rule.roles, shape, f"Rule {rule.pattern!r} at {path!r}")
+    sa = P.setting_for(stack_axes, path, rule.stack_axes if rule else None, None)
+    ia = P.setting_for(in_axes, path, rule.in_axes if rule else None, None)
+    traced = layouts.get(path) if layouts is not None else None
+    if sa is None and ia is None and traced is not None and traced.roles is not None:
+        return Lay.check(traced.roles, shape, f"traced layout of {path!r}")
+    sa = sa or 0
+    if len(shape) - sa < 2:
+        raise ValueError(
+            f"LoRA target {path!r} has shape {shape} ({sa} stack axes), expected a kernel "
+            "with at least two axes"
+        )
+    if ia is None:
+        ia = P.default_in_axes(path, shape, sa)
+    core = shape[sa:]
+    if not 1 <= ia < len(core):
+        raise ValueError(
+            f"LoRA target {path!r}: in_axes={ia} does not split kernel shape {core} into "
+            "input and output axes"
+        )
+    return Lay.canonical(len(shape), ia, sa)
 
 
 def _examples(flat, n=4) -> str:
@@ -295,6 +348,7 @@ def init(
     in_axes: int | Mapping[str, int] | None = None,
     stack_axes: int | Mapping[str, int] | None = None,
     dropout: float = 0.0,
+    layouts: Mapping[str, Any] | None = None,
 ) -> dict:
     """Creates a LoRA tree for ``params``.
 
@@ -304,7 +358,9 @@ def init(
       key: a PRNG key; each leaf uses ``fold_in(key, crc32(path))``.
       alpha: default LoRA alpha; ``None`` means ``alpha = r`` (scale 1).
       targets: regex or list of regexes (``re.fullmatch`` over '/'-joined paths) choosing the
-        adapted parameters. Default: every float kernel with two or more axes.
+        adapted parameters. Default: with ``layouts``, every weight the model reads with a
+        matmul (not embeddings); without, every float weight named ``kernel``, ``w`` or
+        ``weight`` with two or more axes.
       exclude: regex or list of regexes removed from the targets.
       rules: :class:`Rule` list with per-module rank/alpha; the first matching rule wins.
         Without ``targets``, only kernels matched by some rule are adapted.
@@ -318,6 +374,10 @@ def init(
         ``{regex: int}``; defaults follow Flax (see :func:`lora_jax.paths.default_in_axes`).
       stack_axes: leading axes that stack layers (``nn.scan`` params), int or ``{regex: int}``.
       dropout: PEFT's ``lora_dropout`` on the LoRA input path (needs ``lora_rng`` at apply).
+      layouts: from :func:`lora_jax.trace` (``trace(model.apply, params, x)``): each
+        target's input, output and stack axes as the model uses them, wherever they sit in
+        the kernel (einsum attention, fused projections, block-diagonal weights). Without
+        it, layouts follow ``in_axes``/``stack_axes`` and Flax's naming conventions.
 
     Returns:
       A nested dict with a :class:`LoraWeight` at every targeted path.
@@ -339,7 +399,7 @@ def init(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     spec = resolve_targets(
         params, r=r, alpha=alpha, targets=targets, exclude=exclude, rules=rules,
-        in_axes=in_axes, stack_axes=stack_axes,
+        in_axes=in_axes, stack_axes=stack_axes, layouts=layouts,
     )
     out = {}
     for path, s in spec.items():
@@ -349,12 +409,13 @@ def init(
 
 
 def _init_leaf(key, s, scheme, rslora, dtype, dropout, path) -> LoraWeight:
-    shape, rr, ia, sa = s["shape"], s["r"], s["in_axes"], s["stack_axes"]
-    stack, core = shape[:sa], shape[sa:]
-    in_dims, out_dims = core[:ia], core[ia:]
+    shape, rr, roles = s["shape"], s["r"], s["roles"]
+    stack, in_dims, out_dims = Lay.split(roles, shape)
     n_in, n_out = math.prod(in_dims), math.prod(out_dims)
     a_shape, b_shape = stack + in_dims + (rr,), stack + (rr,) + out_dims
-    meta = dict(alpha=s["alpha"], rslora=rslora, in_axes=ia, stack_axes=sa, dropout=dropout)
+    canonical = roles == Lay.canonical(len(shape), len(in_dims), len(stack))
+    meta = dict(alpha=s["alpha"], rslora=rslora, in_axes=len(in_dims), stack_axes=len(stack),
+                dropout=dropout, roles="" if canonical else roles)
     if scheme == "default":
         # torch kaiming_uniform_(a=sqrt(5)) on lora_A (r, in): bound = 1/sqrt(fan_in).
         bound = 1.0 / math.sqrt(n_in)
@@ -367,8 +428,8 @@ def _init_leaf(key, s, scheme, rslora, dtype, dropout, path) -> LoraWeight:
     elif scheme == "zeros":
         a, b = jnp.zeros(a_shape, dtype), jnp.zeros(b_shape, dtype)
     else:  # pissa (Meng et al. 2024; PEFT init_lora_weights="pissa")
-        w = P.dense(s["leaf"], jnp.float32).reshape(stack + (n_in, n_out))
-        u, sv, vt = jnp.linalg.svd(w, full_matrices=False)
+        w = jnp.transpose(P.dense(s["leaf"], jnp.float32), Lay.to_canonical(roles))
+        u, sv, vt = jnp.linalg.svd(w.reshape(stack + (n_in, n_out)), full_matrices=False)
         tmp = LoraWeight(a=jnp.zeros(a_shape), b=jnp.zeros(b_shape), **meta)
         root = jnp.sqrt(sv[..., :rr] / tmp.scale)
         a = (u[..., :, :rr] * root[..., None, :]).reshape(a_shape).astype(dtype)

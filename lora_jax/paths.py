@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -101,25 +101,65 @@ def as_patterns(p: Pattern | None) -> tuple[str, ...]:
 
 
 def matches(path: str, patterns: Iterable[str]) -> bool:
-    return any(re.fullmatch(p, path) for p in patterns)
+    """True if any pattern equals ``path`` or fully matches it as a regex."""
+    return any(p == path or re.fullmatch(p, path) for p in patterns)
+
+
+def check_pattern(pattern: Any, what: str = "pattern") -> str:
+    """Validates one regex; raises ``ValueError`` naming it."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"{what} {pattern!r} is a {type(pattern).__name__}, expected a regex "
+                        "string")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{what} {pattern!r} is not a valid regex: {e}") from e
+    return pattern
+
+
+def setting_for(arg: Any, path: str, rule_value: Any = None, default: Any = None) -> Any:
+    """One per-path setting: a rule's value if set, else ``arg`` (a value for every path, or
+    ``{regex: value}`` where the first fully matching regex wins), else ``default``.
+
+    >>> setting_for({".*attn.*": 2}, "attn/q/kernel"), setting_for(3, "x"), setting_for(None, "x", default=1)
+    (2, 3, 1)
+    """
+    if rule_value is not None:
+        return rule_value
+    if arg is None:
+        return default
+    if not isinstance(arg, Mapping):
+        return arg
+    for pat, v in arg.items():
+        if matches(path, (pat,)):
+            return v
+    return default
+
+
+# The names under which JAX libraries store matmul weights: Flax ("kernel"), Haiku and
+# gemma-style einsum modules ("w"), PyTorch-style ports ("weight").
+KERNEL_NAMES = ("kernel", "w", "weight")
 
 
 def is_default_target(path: str, x: Any) -> bool:
-    """The default target: every floating kernel with two or more axes.
+    """The default target without a traced model: every float weight named ``kernel``,
+    ``w`` or ``weight`` with two or more axes.
 
     That is Dense, DenseGeneral, Einsum and Conv kernels, and never embeddings, biases or
-    norm scales.
+    norm scales. :func:`lora_jax.trace` finds targets by use instead of by name.
     """
     leaf_name = path.rsplit("/", 1)[-1]
     shape = getattr(x, "shape", ())
-    return leaf_name == "kernel" and len(shape) >= 2 and _is_float(x)
+    return leaf_name in KERNEL_NAMES and len(shape) >= 2 and is_float(x)
 
 
-def _is_float(x: Any) -> bool:
+def is_float(x: Any) -> bool:
+    """True for an array (or base leaf) of a floating-point dtype, bfloat16 included."""
     dtype = getattr(x, "dtype", None)
     return dtype is not None and np.issubdtype(np.dtype(dtype), np.floating) or (
         dtype is not None and "bfloat16" in str(dtype)
     )
+
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -137,9 +177,13 @@ class Rule:
       alpha: LoRA alpha (scaling alpha/r, or alpha/sqrt(r) with rslora).
       in_axes: how many leading (non-stacked) kernel axes are the input.
       stack_axes: leading axes that stack layers (``nn.scan``/``nn.vmap``), LoRA per slice.
+      roles: the kernel's layout, one character per axis (``"s"`` stack, ``"i"`` input,
+        ``"o"`` output; see :mod:`lora_jax.layouts`), overriding a traced layout: e.g.
+        ``"soio"`` for a fused ``kv_einsum`` ``(2, K, D, H)`` gives k and v adapters of
+        their own.
 
     >>> Rule(pattern=r".*attn.*", r=16, alpha=32)
-    Rule(pattern='.*attn.*', r=16, alpha=32, in_axes=None, stack_axes=None)
+    Rule(pattern='.*attn.*', r=16, alpha=32, in_axes=None, stack_axes=None, roles=None)
     """
 
     pattern: str
@@ -147,6 +191,7 @@ class Rule:
     alpha: float | None = None
     in_axes: int | None = None
     stack_axes: int | None = None
+    roles: str | None = None
 
     def __post_init__(self):
         try:

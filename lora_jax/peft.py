@@ -278,8 +278,8 @@ def _targets(params, name_map, in_axes=None, stack_axes=None) -> dict[str, _Targ
         parts = _parts(fn, path)
         if parts is None:
             continue
-        sa = L._per_path(stack_axes, path, None, None)
-        out[path] = _target(path, shape, L._per_path(in_axes, path, None, None), parts, sa)
+        sa = P.setting_for(stack_axes, path, None, None)
+        out[path] = _target(path, shape, P.setting_for(in_axes, path, None, None), parts, sa)
     return out
 
 
@@ -449,6 +449,12 @@ def save(
         parts = _parts(fn, path)
         if parts is None:
             raise ValueError(f"save: name_map gives no PyTorch module name for {path!r}")
+        if leaf.roles and leaf.roles != leaf.layout[:0] + "s" * leaf.stack_axes + \
+                "i" * leaf.in_axes + "o" * len(leaf.out_shape):
+            raise ValueError(
+                f"save: {path!r} has a kernel laid out as roles {leaf.roles!r}; PEFT's format "
+                "stores (out, in) matrices of kernels laid out as (*stack, *in, *out), and "
+                "this kernel's PyTorch counterpart is unknown")
         t = _supported(_target(path, leaf.kernel_shape, leaf.in_axes, parts, leaf.stack_axes))
         for idx, name, sl in t.modules:
             if name in ranks:
@@ -801,7 +807,7 @@ def save_merged(
         leaf_name = p.rsplit("/", 1)[-1]
         x = np.asarray(x, dtype or x.dtype)
         sa = _stack_axes_of(parts, p)
-        ia = lmap[p].in_axes if p in lmap else L._per_path(in_axes, p, None, None)
+        ia = lmap[p].in_axes if p in lmap else P.setting_for(in_axes, p, None, None)
         if leaf_name in ("kernel", "embedding") and x.ndim - sa >= 2:
             t = _supported(_target(p, x.shape, ia, parts, sa))
             for idx, name, sl in t.modules:

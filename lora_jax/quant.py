@@ -32,8 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
-import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -41,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from lora_jax import layouts as _lay
 from lora_jax import paths as _paths
 
 FORMATS = ("nf4", "fp4", "int4", "int8")
@@ -86,6 +86,10 @@ class QuantizedArray:
       format: "nf4", "fp4", "int4" or "int8".
       double_quant: whether ``absmax`` is itself quantized.
       storage: "packed" or "native" (see ``codes``).
+      order: the axis order in which the array was flattened into blocks (``None``: row-major
+        in its own order). :func:`quantize` flattens kernels as ``(*stack, *out, *in)`` so
+        that blocks run along the input axes, as bitsandbytes' blocks run along the input
+        axis of a PyTorch ``(out, in)`` weight.
     """
 
     codes: jax.Array
@@ -98,6 +102,7 @@ class QuantizedArray:
     format: str = struct.field(pytree_node=False)
     double_quant: bool = struct.field(pytree_node=False)
     storage: str = struct.field(pytree_node=False, default="packed")
+    order: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
 
     @property
     def dtype(self) -> np.dtype:
@@ -141,15 +146,19 @@ class QuantizedArray:
         """
         out = jnp.dtype(self.dtype if dtype is None else dtype).name
         zero = jnp.zeros((), jnp.float32) if after is None else _zero_from(after)
-        return _dequantize(self.codes, self.absmax, self.absmax2, self.offset, zero,
-                           shape=self.shape, fmt=self.format, block_size=self.block_size,
-                           dtype=out, storage=self.storage)
+        flat_shape = self.shape if self.order is None else tuple(self.shape[k] for k in self.order)
+        w = _dequantize(self.codes, self.absmax, self.absmax2, self.offset, zero,
+                        shape=flat_shape, fmt=self.format, block_size=self.block_size,
+                        dtype=out, storage=self.storage)
+        # A transpose that XLA folds into the consuming matmul's dimension numbers.
+        return w if self.order is None else jnp.transpose(w, np.argsort(self.order))
 
     def requantize(self, x: jax.typing.ArrayLike, path: str = "<array>") -> QuantizedArray:
         """``x`` quantized with this array's format, block size, double quantization and
         storage."""
         return quantize_array(x, self.format, block_size=self.block_size,
-                              double_quant=self.double_quant, storage=self.storage, path=path)
+                              double_quant=self.double_quant, storage=self.storage, path=path,
+                              order=self.order)
 
     def with_storage(self, storage: str, path: str = "<array>") -> QuantizedArray:
         """The same codes in ``storage`` ("packed" or "native"): exact, jittable.
@@ -167,35 +176,51 @@ class QuantizedArray:
         codes = _store(_nibbles(self.codes, self.format, self.storage), self.format, storage)
         return self.replace(codes=codes, storage=storage)
 
-    def unstack_leading(self) -> QuantizedArray | None:
+    def unstack_leading(self) -> QuantizedArray | str:
         """The same data with the leading (layer) axis exposed on every stored array.
 
         ``lax.scan`` over the result hands each step a valid ``QuantizedArray`` of shape
-        ``shape[1:]``, so stacked layers dequantize one layer at a time. Returns ``None`` when
-        blocks would straddle layers (the per-layer size is not a multiple of the block size,
-        of 2 for 4-bit packing, or of 256 blocks under double quantization).
+        ``shape[1:]``, so stacked layers dequantize one layer at a time. Returns the reason
+        instead when blocks would straddle layers: the per-layer size is not a multiple of
+        the block size, of 2 for 4-bit packing, or of 256 blocks under double quantization,
+        or the leading axis was not flattened first (see ``order``).
         """
         if len(self.shape) < 2:
-            return None
+            return "a 1-D array has no layer axis"
+        if self.order is not None and self.order[0] != 0:
+            return (f"blocks straddle layers: the array was flattened in axis order {self.order}"
+                    "; quantize with layouts=lora_jax.trace(...) or stack_axes= so that the "
+                    "layer axis comes first")
         n_layers, per = self.shape[0], math.prod(self.shape[1:])
         nb = per // self.block_size
         if per % self.block_size or (self.format != "int8" and per % 2):
-            return None
+            return (f"blocks straddle layers: a layer holds {per} values, not a multiple of "
+                    f"block_size={self.block_size}")
         if self.double_quant and nb % _DQ_BLOCK:
-            return None
+            return (f"blocks straddle layers: a layer holds {nb} blocks, not a multiple of the "
+                    f"{_DQ_BLOCK} that double quantization groups")
         return self.replace(
             codes=self.codes.reshape(n_layers, -1),
             absmax=self.absmax.reshape(n_layers, nb),
             absmax2=None if self.absmax2 is None else self.absmax2.reshape(
                 n_layers, nb // _DQ_BLOCK),
             offset=None if self.offset is None else jnp.broadcast_to(self.offset, (n_layers,)),
-            shape=self.shape[1:])
+            shape=self.shape[1:],
+            order=None if self.order is None else _normal_order(tuple(k - 1 for k in self.order[1:])))
 
     def __repr__(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
         native = ", native" if self.storage == "native" else ""
+        order = "" if self.order is None else f", order={self.order}"
         return (f"QuantizedArray({self.format}, shape={self.shape}, dtype={self.dtype_name}, "
-                f"block_size={self.block_size}{dq}{native})")
+                f"block_size={self.block_size}{dq}{native}{order})")
+
+
+def _normal_order(order: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """``None`` for the identity (row-major) order."""
+    if order is None or tuple(order) == tuple(range(len(order))):
+        return None
+    return tuple(int(k) for k in order)
 
 
 _paths.register_base_leaf(QuantizedArray)
@@ -495,6 +520,7 @@ def quantize_array(
     double_quant: bool = False,
     storage: str = "packed",
     path: str = "<array>",
+    order: Sequence[int] | None = None,
 ) -> QuantizedArray:
     """Block-quantizes one floating-point array (jittable; shapes and options are static).
 
@@ -507,6 +533,8 @@ def quantize_array(
         ``jnp.uint4``/``jnp.int4`` element per code, see :class:`QuantizedArray`); the values
         are the same. "int8" has only "packed".
       path: the parameter's name, used in error messages.
+      order: flatten ``x`` in this axis order (``x.transpose(order)``, row-major) before
+        blocking; ``None`` for ``x``'s own order. ``dequantize`` undoes it.
 
     Returns:
       A :class:`QuantizedArray`.
@@ -533,22 +561,22 @@ def quantize_array(
     if math.prod(x.shape) == 0:
         raise ValueError(f"{path}: cannot quantize an empty array of shape {tuple(x.shape)}")
     double_quant = bool(double_quant)
+    if order is not None:
+        if sorted(order) != list(range(len(x.shape))):
+            raise ValueError(f"{path}: order {tuple(order)} is not a permutation of the axes of "
+                             f"shape {tuple(x.shape)}")
+        order = _normal_order(tuple(order))
+    xt = jnp.asarray(x) if order is None else jnp.transpose(jnp.asarray(x), order)
     codes, absmax, absmax2, offset, bad = _quantize(
-        jnp.asarray(x), fmt=format, block_size=block_size, double_quant=double_quant,
-        storage=storage)
+        xt, fmt=format, block_size=block_size, double_quant=double_quant, storage=storage)
     if not isinstance(bad, jax.core.Tracer) and int(bad):  # a traced input can't be checked
         raise ValueError(f"{path}: cannot quantize an array with {int(bad)} NaN or Inf value(s)")
     return QuantizedArray(codes, absmax, absmax2, offset, shape=tuple(int(d) for d in x.shape),
                           dtype_name=jnp.dtype(x.dtype).name, block_size=block_size,
-                          format=format, double_quant=double_quant, storage=storage)
+                          format=format, double_quant=double_quant, storage=storage, order=order)
 
 
-def _patterns(p: str | Sequence[str] | None) -> tuple[str, ...]:
-    return () if p is None else (p,) if isinstance(p, str) else tuple(p)
-
-
-def _match(pattern: str, path: str) -> bool:
-    return pattern == path or re.fullmatch(pattern, path) is not None
+BLOCKS = ("input", "row-major")
 
 
 def quantize(
@@ -561,59 +589,106 @@ def quantize(
     exclude: str | Sequence[str] | None = None,
     min_size: int = 0,
     storage: str = "packed",
+    layouts: Mapping[str, Any] | None = None,
+    blocks: str = "input",
+    in_axes: int | Mapping[str, int] | None = None,
+    stack_axes: int | Mapping[str, int] | None = None,
 ) -> Any:
     """Replaces selected leaves of a parameter tree by :class:`QuantizedArray` leaves.
 
     Paths are '/'-joined keys (``"params/Dense_0/kernel"``), matched with ``re.fullmatch``.
+    Targets follow the rule of :func:`lora_jax.init`: with ``layouts``, every weight the
+    model reads with a matmul; without, every float weight named ``kernel``, ``w`` or
+    ``weight`` with two or more axes.
 
     Args:
       params: a pytree of arrays (Linen variables, an NNX ``State``, nested dicts...).
       format: "nf4", "fp4", "int4" or "int8".
       block_size: elements per absmax block, a power of two >= 16.
       double_quant: quantize the absmax too (QLoRA's default, ~4.127 bits per NF4 parameter).
-      targets: a regex or list of regexes/paths choosing the floating-point leaves to quantize;
-        default: every floating leaf with ndim >= 2 whose last key is "kernel".
+      targets: a regex or list of regexes/paths choosing the floating-point leaves to quantize.
       exclude: a regex or list of them; matching leaves stay dense.
       min_size: leaves with fewer elements stay dense.
       storage: "packed" or "native" 4-bit codes (see :func:`quantize_array`).
+      layouts: from :func:`lora_jax.trace`: targets and each kernel's input/output/stack axes.
+      blocks: ``"input"`` (default): blocks run along each kernel's input axes, flattened as
+        ``(*stack, *out, *in)``: for a Dense ``(in, out)`` kernel that is the blocking
+        bitsandbytes applies to the PyTorch ``(out, in)`` weight, so the same model gets the
+        same codes here and there. ``"row-major"``: the kernel flattened in its own order
+        (blocks along the last axis; this library's layout before 0.2).
+      in_axes, stack_axes: the layout of kernels ``layouts`` does not cover, as in
+        :func:`lora_jax.init` (``nn.scan`` kernels need ``stack_axes=1`` without
+        ``layouts``, so that each layer's blocks stay within the layer).
 
     Returns:
       A tree of the same structure; leaves already quantized are kept as they are.
 
     Raises:
-      ValueError: a targets pattern matches no floating-point leaf, or a bad format/block
-        size/storage.
+      ValueError: a targets pattern matches no floating-point leaf, the selection quantizes
+        nothing, or a bad format/block size/storage/blocks.
 
     >>> params = {"Dense_0": {"kernel": jnp.ones((64, 8)), "bias": jnp.ones(8)}}
     >>> q = quantize(params, "nf4")
     >>> is_quantized(q["Dense_0"]["kernel"]), is_quantized(q["Dense_0"]["bias"])
     (True, False)
+    >>> q["Dense_0"]["kernel"].order    # blocks along the 64 inputs, as bitsandbytes
+    (1, 0)
     """
     block_size = _check_config(format, block_size, "quantize", storage)
-    targets, exclude = _patterns(targets), _patterns(exclude)
+    if blocks not in BLOCKS:
+        raise ValueError(f"quantize: blocks must be one of {BLOCKS}, got {blocks!r}")
+    targets, exclude = _paths.as_patterns(targets), _paths.as_patterns(exclude)
+    for p in targets + exclude:
+        _paths.check_pattern(p, "quantize: pattern")
+    dense = None if layouts is None else {p for p, w in layouts.items() if w.kind == "dense"}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
-    used, out = set(), []
+    used, out, seen, n_quantized = set(), [], [], 0
     for keypath, leaf in leaves:
         path = _paths.path_str(keypath)
         dtype = getattr(leaf, "dtype", None)
+        if is_quantized(leaf):
+            n_quantized += 1
         if is_quantized(leaf) or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
             out.append(leaf)
             continue
+        seen.append(path)
         if targets:
-            hits = {p for p in targets if _match(p, path)}
+            hits = {p for p in targets if _paths.matches(path, (p,))}
             used |= hits
             selected = bool(hits)
+        elif dense is not None:
+            selected = path in dense
         else:
-            selected = path.rsplit("/", 1)[-1] == "kernel" and len(leaf.shape) >= 2
-        selected = selected and not any(_match(p, path) for p in exclude)
+            selected = _paths.is_default_target(path, leaf)
+        selected = selected and not _paths.matches(path, exclude)
         if selected and math.prod(leaf.shape) >= min_size:
-            leaf = quantize_array(leaf, format, block_size=block_size,
-                                  double_quant=double_quant, storage=storage, path=path)
+            order = None
+            if blocks == "input" and len(leaf.shape) >= 2:
+                traced = None if layouts is None else layouts.get(path)
+                sa = _paths.setting_for(stack_axes, path, None, None)
+                ia = _paths.setting_for(in_axes, path, None, None)
+                if traced is not None and traced.roles is not None and sa is None and ia is None:
+                    roles = traced.roles
+                else:
+                    roles = _lay.from_names(path, leaf.shape, sa or 0, ia)
+                order = _lay.block_order(roles)
+            leaf = quantize_array(leaf, format, block_size=block_size, double_quant=double_quant,
+                                  storage=storage, path=path, order=order)
+            n_quantized += 1
         out.append(leaf)
     for p in targets:
         if p not in used:
-            raise ValueError(f"quantize: targets pattern {p!r} matches no floating-point leaf "
-                             "(paths look like 'params/Dense_0/kernel')")
+            raise ValueError(f"quantize: targets pattern {p!r} matches no floating-point leaf; "
+                             f"paths look like {seen[:4]}")
+    if not n_quantized:
+        rule = ("targets=" + repr(list(targets)) if targets else
+                "the weights the traced function reads with a matmul" if dense is not None else
+                "float weights named " + "/".join(_paths.KERNEL_NAMES) + " with >= 2 axes")
+        raise ValueError(
+            f"quantize selected nothing to quantize (rule: {rule}, exclude={list(exclude)}, "
+            f"min_size={min_size}) among the {len(seen)} floating-point leaves "
+            f"{seen[:6]}{' ...' if len(seen) > 6 else ''}; pass targets= (regexes over these "
+            "paths) or layouts=lora_jax.trace(fn, params, *args)")
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -37,6 +37,7 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from lora_jax import adalora as _ada
+from lora_jax import layouts as Lay
 from lora_jax import lora as L
 from lora_jax import paths as P
 from lora_jax import quant as Q
@@ -177,7 +178,7 @@ def _fields(leaf) -> dict[str, Any]:
 
 def _leaf_specs(leaf, kernel: tuple, path: str):
     sa, ia = leaf.stack_axes, leaf.in_axes
-    stack, k_in, k_out = kernel[:sa], kernel[sa:sa + ia], kernel[sa + ia:]
+    stack, k_in, k_out = Lay.split(leaf.layout, kernel)
     by_role = {"in": stack + k_in + (None,), "out": stack + (None,) + k_out,
                "rank": stack + (None,)}
     roles = _roles(leaf)
@@ -189,7 +190,8 @@ def _leaf_specs(leaf, kernel: tuple, path: str):
         entries = by_role[role] if role else stack + (None,) * (len(arr.shape) - sa)
         if len(entries) != len(arr.shape):
             raise ValueError(f"{path}/{name}: shape {tuple(arr.shape)} does not fit the kernel "
-                             f"{leaf.kernel_shape} (stack_axes={sa}, in_axes={ia})")
+                             f"{leaf.kernel_shape} (roles {leaf.layout!r}, stack_axes={sa}, "
+                             f"in_axes={ia})")
         out[name] = _spec(entries)
     return leaf.replace(**out)
 
@@ -412,7 +414,7 @@ def tensor_parallel(
         entries = [None] * len(shape)
         kind = "column" if P.matches(path, cols) else "row" if P.matches(path, rows) else None
         if kind and len(shape) - stack_axes >= 2:
-            ia = L._per_path(in_axes, path, None, None) or P.default_in_axes(path, shape,
+            ia = P.setting_for(in_axes, path, None, None) or P.default_in_axes(path, shape,
                                                                                stack_axes)
             d = stack_axes + ia if kind == "column" else stack_axes
             entries[d] = axis

@@ -29,18 +29,18 @@ from typing import Any
 import jax
 import jax.extend as jex
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from lora_jax import fast_dot
+from lora_jax import layouts as Lay
 from lora_jax import lora as L
 from lora_jax import paths as P
+from lora_jax import tracing
 
 PyTree = Any
 
-_CALL_PRIMS = ("pjit", "jit", "closed_call", "core_call")
-_REMAT_PRIMS = ("remat2", "checkpoint", "remat")
-_VIEW_PRIMS = ("convert_element_type", "reshape", "transpose", "copy", "copy_p")
+_CALL_PRIMS = Lay.CALL_PRIMS
+_REMAT_PRIMS = Lay.REMAT_PRIMS
 
 
 class LoraFallbackError(ValueError):
@@ -58,18 +58,11 @@ class _Tagged:
     axes: tuple | None  # per view dim: tuple of kernel axes it flattens; None if untracked
     shape: tuple
     dtype: Any
+    fixed: tuple = ()  # (kernel axis, index) of axes indexed away by a constant slice
 
     def materialize(self) -> jax.Array:
         """This view of the effective kernel ``W0 + s·A·B`` (gradients to the adapter only)."""
         return fast_dot.merged_view(self.base, self.lora, self.ops)
-
-    def group(self, k: int) -> str:
-        lr = self.lora
-        if lr is None:
-            return "in"
-        if k < lr.stack_axes:
-            return "stack"
-        return "in" if k < lr.stack_axes + lr.in_axes else "out"
 
 
 @dataclasses.dataclass
@@ -81,9 +74,9 @@ class _Config:
     compute_dtype: Any = None
 
 
-def _note(cfg: _Config, path: str, how: str):
+def _note(cfg: _Config, path: str, primitive: str, route: str, reason: str | None = None):
     if cfg.report is not None:
-        cfg.report.setdefault(path, []).append(how)
+        cfg.report.setdefault(path, []).append(Use(primitive, route, reason))
 
 
 # ----------------------------------------------------------------------------------------
@@ -135,14 +128,13 @@ def _bind(eqn, invals):
 def _fallback(cfg: _Config, eqn, invals, why: str | None = None):
     for x in invals:
         if _is_tagged(x):
-            msg = f"fallback (merged weight) at {eqn.primitive.name}" + (f": {why}" if why else "")
             if cfg.strict and x.lora is not None:
                 raise LoraFallbackError(
                     f"LoRA weight {x.path!r} is used by primitive {eqn.primitive.name!r}, which "
                     f"has no fast LoRA rule ({why or 'unsupported'}); use strict=False to fall "
                     "back to the merged weight"
                 )
-            _note(cfg, x.path, msg)
+            _note(cfg, x.path, eqn.primitive.name, "fallback", why or "no fast rule for it")
     vals = [x.materialize() if _is_tagged(x) else x for x in invals]
     return _bind(eqn, vals)
 
@@ -150,8 +142,8 @@ def _fallback(cfg: _Config, eqn, invals, why: str | None = None):
 def _handle(cfg: _Config, eqn, invals):
     name = eqn.primitive.name
     tagged_idx = [i for i, x in enumerate(invals) if _is_tagged(x)]
-    if name in _VIEW_PRIMS and len(invals) == 1:
-        return _view(eqn, invals[0])
+    if (name in Lay.VIEW_PRIMS or name == "slice") and len(invals) == 1:
+        return _view(cfg, eqn, invals[0])
     if name == "dot_general" and len(tagged_idx) == 1:
         return _dot(cfg, eqn, invals, tagged_idx[0])
     if name == "gather" and tagged_idx == [0]:
@@ -187,22 +179,19 @@ def _eval_closed(cfg, closed, invals):
 
 
 # ----------------------------------------------------------------------------------------
-# Views of a weight: casts, reshapes, transposes
+# Views of a weight: casts, reshapes, transposes, constant indexing
 
 
-def _view(eqn, t: _Tagged):
-    name = eqn.primitive.name
+def _view(cfg: _Config, eqn, t: _Tagged):
+    v = Lay.view_after(eqn, Lay.View(t.axes, t.fixed), _kernel_shape(t))
+    if v is None:  # e.g. a range of a kernel axis: the merged weight, for this use
+        return _fallback(cfg, eqn, [t], "a slice across the kernel's axes")
     out_aval = eqn.outvars[0].aval
-    axes = t.axes
-    if axes is not None:
-        if name == "transpose":
-            axes = tuple(axes[p] for p in eqn.params["permutation"])
-        elif name == "reshape":
-            axes = _reshape_axes(t, tuple(out_aval.shape))
     return dataclasses.replace(
         t,
         ops=t.ops + ((eqn.primitive, dict(eqn.params)),),
-        axes=axes,
+        axes=v.axes,
+        fixed=v.fixed,
         shape=tuple(out_aval.shape),
         dtype=out_aval.dtype,
     )
@@ -212,59 +201,51 @@ def _kernel_shape(t: _Tagged) -> tuple:
     return tuple(t.base.shape)
 
 
-def _reshape_axes(t: _Tagged, new_shape: tuple):
-    """Kernel axes of each dim after a reshape, or None if it splits a kernel axis."""
-    ks = _kernel_shape(t)
-    atoms = [k for dim in t.axes for k in dim if ks[k] != 1]
-    out, i = [], 0
-    for n in new_shape:
-        group, size = [], 1
-        while size < n and i < len(atoms):
-            group.append(atoms[i])
-            size *= ks[atoms[i]]
-            i += 1
-        if size != n:
-            return None
-        out.append(tuple(group))
-    return tuple(out) if i == len(atoms) else None
-
-
 # ----------------------------------------------------------------------------------------
 # dot_general
 
 
-def _lowrank_layout(t: _Tagged, w_contract: Sequence[int], w_free: Sequence[int]):
-    """How the view's contracted/free dims map onto the LoRA factors, or a reason string."""
-    lr = t.lora
+def _lowrank_layout(t: _Tagged, w_contract, w_batch, w_free):
+    """How the view's contracted/batch/free dims map onto the adapter, or a reason string."""
     if t.axes is None:
         return "the weight was reshaped across kernel axes"
-    if lr.stack_axes:
-        return "a stacked (scanned) kernel used outside its scan"
     ks = _kernel_shape(t)
+    roles = t.lora.layout
 
     def atoms(dims):
-        return [k for d in dims for k in t.axes[d] if ks[k] != 1]
+        return tuple(k for d in dims for k in t.axes[d] if ks[k] != 1)
 
-    c_atoms, f_atoms = atoms(w_contract), atoms(w_free)
-    groups_c = {t.group(k) for k in c_atoms}
-    groups_f = {t.group(k) for k in f_atoms}
-    if len(groups_c) != 1 or len(groups_f) != 1 or groups_c == groups_f:
-        return "the contraction does not separate the kernel's input and output axes"
-    n_in, n_out = lr.in_axes, len(ks) - lr.in_axes
-    in_all = [k for k in range(n_in) if ks[k] != 1]
-    out_all = [k for k in range(n_in, n_in + n_out) if ks[k] != 1]
-    contract_in = groups_c == {"in"}
-    if sorted(c_atoms) != (in_all if contract_in else out_all) or sorted(f_atoms) != (
-        out_all if contract_in else in_all
-    ):
-        return "the contraction covers only part of the kernel's input or output axes"
+    c, b, f = atoms(w_contract), atoms(w_batch), atoms(w_free)
+    fixed = tuple(k for k, _ in t.fixed)
+    stack, ins, outs = (tuple(k for k in range(len(ks)) if roles[k] == ch and ks[k] != 1)
+                        for ch in (Lay.STACK, Lay.IN, Lay.OUT))
+    hint = (f"the adapter's roles are {roles!r} (s: stack, i: input, o: output); pass "
+            "layouts=lora_jax.trace(fn, params, *args) to lora_jax.init")
+    if any(roles[k] != Lay.STACK for k in fixed):
+        return f"the model indexes kernel axis {fixed} with a constant, not a stack axis; {hint}"
+    if any(roles[k] != Lay.STACK for k in b):
+        return (f"batched dot_general over kernel axes {b}, which the adapter does not treat "
+                f"as stack axes; {hint}")
+    if sorted(b + tuple(k for k in fixed if ks[k] != 1)) != list(stack):
+        return (f"stack axes {stack} of the adapter are neither batch dimensions of this "
+                f"dot_general nor indexed; {hint}")
+    if sorted(c) == list(ins) and sorted(f) == list(outs) and c:
+        contract_in = True
+    elif sorted(c) == list(outs) and sorted(f) == list(ins) and c:
+        contract_in = False  # x·Wᵀ: e.g. a tied embedding used as the output head
+    else:
+        return (f"the dot_general contracts kernel axes {c} and keeps {f}, which do not "
+                f"separate the adapter's input axes {ins} from its output axes {outs}; {hint}")
     return fast_dot.Layout(
         contract_in=contract_in,
-        c_atoms=tuple(c_atoms),
-        f_atoms=tuple(f_atoms),
+        c_atoms=c,
+        f_atoms=f,
+        b_atoms=b,
         c_shape=tuple(t.shape[d] for d in w_contract),
         f_shape=tuple(t.shape[d] for d in w_free),
-        in_axes=n_in,
+        b_shape=tuple(t.shape[d] for d in w_batch),
+        fixed=t.fixed,
+        roles=roles,
         kernel_shape=ks,
     )
 
@@ -292,14 +273,12 @@ def _dot(cfg: _Config, eqn, invals, wi: int):
 def _dot_inner(cfg: _Config, eqn, invals, wi, t: _Tagged, x, params):
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     w_contract, w_batch = (lc, lb) if wi == 0 else (rc, rb)
-    x_contract = rc if wi == 0 else lc
-    if w_batch:
-        return _fallback(cfg, eqn, invals, "batched dot_general over the weight")
-    w_free = tuple(d for d in range(len(t.shape)) if d not in w_contract)
+    x_contract, x_batch = (rc, rb) if wi == 0 else (lc, lb)
+    w_free = tuple(d for d in range(len(t.shape)) if d not in w_contract and d not in w_batch)
     if t.lora is None:  # a quantized base weight without adapter: dequantize at use
-        _note(cfg, t.path, "base: dequantized at dot_general")
+        _note(cfg, t.path, "dot_general", "dequantize")
         return fast_dot.base_dot_general(x, t.base, ops=t.ops, w_is_lhs=wi == 0, params=params)
-    layout = _lowrank_layout(t, w_contract, w_free)
+    layout = _lowrank_layout(t, w_contract, w_batch, w_free)
     if isinstance(layout, str):
         return _fallback(cfg, eqn, invals, layout)
     spec = fast_dot.DotSpec(
@@ -307,17 +286,18 @@ def _dot_inner(cfg: _Config, eqn, invals, wi, t: _Tagged, x, params):
         ops=t.ops,
         w_is_lhs=wi == 0,
         x_contract=tuple(x_contract),
+        x_batch=tuple(x_batch),
         params=tuple(sorted(params.items(), key=lambda kv: kv[0])),
         view_dtype=t.dtype,
     )
     if t.lora.dropout > 0.0 and cfg.rng is not None:
-        _note(cfg, t.path, "fast: dot_general (dropout: unmerged x@W0 + s·drop(x)@A@B)")
+        _note(cfg, t.path, "dot_general", "fast-dropout")
         key = _use_key(cfg, t.path)
         keep = 1.0 - t.lora.dropout
         mask = jax.random.bernoulli(key, keep, x.shape)
         xd = jnp.where(mask, x / keep, 0).astype(x.dtype)
         return fast_dot.dropout_dot_general(x, xd, t.base, t.lora, spec)
-    _note(cfg, t.path, "fast: dot_general")
+    _note(cfg, t.path, "dot_general", "fast")
     return fast_dot.lora_dot_general(x, t.base, t.lora, spec)
 
 
@@ -340,9 +320,8 @@ def _gather(cfg: _Config, eqn, invals):
     ks = _kernel_shape(t)
     plain = (
         lr is not None
-        and not lr.stack_axes
-        and len(ks) == 2
-        and lr.in_axes == 1
+        and lr.layout == "io"
+        and not t.fixed
         and t.axes == ((0,), (1,))
         and tuple(dn.collapsed_slice_dims) == (0,)
         and tuple(dn.start_index_map) == (0,)
@@ -351,7 +330,7 @@ def _gather(cfg: _Config, eqn, invals):
     )
     if not plain:
         return _fallback(cfg, eqn, invals, "gather other than a row lookup")
-    _note(cfg, t.path, "fast: gather (A[ids] @ B)")
+    _note(cfg, t.path, "gather", "gather")
     w0 = fast_dot.merged_view(t.base, None, t.ops)
     rows = _bind(eqn, [w0, idx])
     a, b = lr.factors()
@@ -464,20 +443,23 @@ def _scan(cfg, eqn, invals):
     for x in xs:
         if _is_tagged(x) and P.is_base_leaf(x.base) and not x.ops:
             unstacked = x.base.unstack_leading()  # dequantize one layer at a time
-            if unstacked is None:
-                x = dataclasses.replace(x, ops=((None, "blocks straddle layers"),))
+            if isinstance(unstacked, str):
+                x = dataclasses.replace(x, ops=((None, unstacked),))
             else:
                 x = dataclasses.replace(x, base=unstacked)
         if _is_tagged(x):
-            if x.ops or (x.lora is not None and x.lora.stack_axes < 1):
+            if x.ops or (x.lora is not None and x.lora.layout[0] != Lay.STACK):
                 x_m = x.materialize()
                 why = next((r for p_, r in x.ops if p_ is None), None) or (
-                    "weight cast or reshaped before the scan" if x.ops else "no stack_axes")
-                _note(cfg, x.path, f"fallback (merged weight) at scan: {why}")
+                    "weight cast or reshaped before the scan" if x.ops else
+                    f"the scan slices kernel axis 0, which the adapter (roles "
+                    f"{x.lora.layout!r}) does not treat as a stack axis")
+                _note(cfg, x.path, "scan", "fallback", why)
                 if cfg.strict and x.lora is not None:
                     raise LoraFallbackError(
-                        f"LoRA weight {x.path!r} enters a scan after a cast/reshape or without "
-                        "stack_axes; pass stack_axes= to lora_jax.init for nn.scan kernels"
+                        f"LoRA weight {x.path!r} enters a scan as a stacked input, but {why}; "
+                        "pass layouts=lora_jax.trace(fn, params, *args) (or stack_axes=) to "
+                        "lora_jax.init for nn.scan kernels"
                     )
                 plain_xs.append(x_m)
                 sliced.append(None)
@@ -507,7 +489,7 @@ def _scan(cfg, eqn, invals):
             else:
                 base_i, lora_i = ex[i]
                 if lora_i is not None:
-                    lora_i = lora_i.replace(stack_axes=lora_i.stack_axes - 1)
+                    lora_i = lora_i.unstack_leading()
                 full_xs.append(_tag(t.path, base_i, lora_i))
         sub = dataclasses.replace(cfg, rng=key, use_count={}) if key is not None else cfg
         outs = _concrete(_eval_closed(sub, p["jaxpr"], c_rebuild(cst) + list(c) + full_xs))
@@ -539,10 +521,6 @@ def _tag(path: str, base: Any, lora_leaf) -> _Tagged:
         shape=shape,
         dtype=base.dtype,
     )
-
-
-def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
 
 
 def trainable_base_paths(
@@ -617,37 +595,133 @@ def apply(
 
     @functools.wraps(fn)
     def wrapped(base, lora, *args, lora_rng=None, **kwargs):
-        return _run(fn, base, lora, args, kwargs, lora_rng, strict, mode, modules_to_save, bias,
-                    None, compute_dtype)
+        return _run(fn, base, lora, args, kwargs, rng=lora_rng, strict=strict, mode=mode,
+                    modules_to_save=modules_to_save, bias=bias, compute_dtype=compute_dtype)
 
     return wrapped
 
 
-def report(fn: Callable, base, lora, *args, **kwargs) -> dict[str, list[str]]:
-    """For each targeted weight, how ``apply(fn)`` computes each of its uses.
+@dataclasses.dataclass(frozen=True)
+class Use:
+    """One use of a weight in the traced function, and how ``apply`` computes it.
 
-    Traces abstractly (no FLOPs run). Entries read ``"fast: dot_general"``, ``"fast: gather
-    (A[ids] @ B)"`` or ``"fallback (merged weight) at <primitive>: <why>"``; a targeted weight
-    that ``fn`` never reads is reported as ``["unused"]``.
+    Attributes:
+      primitive: the JAX primitive that reads the weight (``"dot_general"``, ``"gather"``,
+        ``"scan"``, ...).
+      route: ``"fast"`` (the dW-free LoRA matmul), ``"fast-dropout"`` (its unmerged form
+        with LoRA dropout), ``"gather"`` (``A[ids]·B`` for an embedding lookup),
+        ``"dequantize"`` (a quantized base weight without adapter, dequantized at use) or
+        ``"fallback"`` (the merged weight ``W0 + s·A·B`` for this use: correct, slower).
+      reason: why a use fell back; ``None`` otherwise.
     """
-    rep: dict = {}
-    jax.eval_shape(
-        lambda b, l, a, k: _run(fn, b, l, a, k, None, False, "fast", None, "none", rep),
-        base, lora, args, kwargs,
-    )
-    for path in L.leaves(lora):
-        rep.setdefault(path, ["unused"])
-    return rep
+
+    primitive: str
+    route: str
+    reason: str | None = None
+
+    def __str__(self) -> str:
+        if self.route == "fallback":
+            return f"fallback (merged weight) at {self.primitive}: {self.reason}"
+        return f"{self.route}: {self.primitive}"
 
 
-def _run(fn, base, lora, args, kwargs, rng, strict, mode, modules_to_save, bias, rep,
-         compute_dtype=None):
+@dataclasses.dataclass(frozen=True)
+class WeightReport:
+    """How ``apply`` computes every use of one weight.
+
+    Attributes:
+      path: the parameter path.
+      roles: the adapter's layout (``None`` for a quantized base weight without adapter).
+      uses: every use, in program order; empty if the function never reads the weight.
+    """
+
+    path: str
+    roles: str | None
+    uses: tuple[Use, ...]
+
+    @property
+    def routes(self) -> list[str]:
+        return [u.route for u in self.uses]
+
+    @property
+    def fast(self) -> bool:
+        """True if the weight is used and no use falls back to the merged weight."""
+        return bool(self.uses) and all(u.route != "fallback" for u in self.uses)
+
+    def __str__(self) -> str:
+        uses = "; ".join(str(u) for u in self.uses) or "unused"
+        roles = "" if self.roles is None else f" [{self.roles}]"
+        return f"{self.path}{roles}: {uses}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """What :func:`report` returns: ``weights[path]`` is a :class:`WeightReport` for every
+    adapted weight and every quantized base weight the function reads."""
+
+    weights: dict[str, WeightReport]
+
+    def __getitem__(self, path: str) -> WeightReport:
+        return self.weights[path]
+
+    def __iter__(self):
+        return iter(self.weights)
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    @property
+    def fallbacks(self) -> list[tuple[str, Use]]:
+        """``(path, use)`` of every use computed with the merged weight."""
+        return [(p, u) for p, w in self.weights.items() for u in w.uses if u.route == "fallback"]
+
+    @property
+    def unused(self) -> list[str]:
+        """Adapted weights the function never reads."""
+        return [p for p, w in self.weights.items() if not w.uses]
+
+    def __str__(self) -> str:
+        n_fast = sum(w.fast for w in self.weights.values())
+        head = (f"{len(self.weights)} weights: {n_fast} on the fast path, "
+                f"{len(self.fallbacks)} fallback uses, {len(self.unused)} unused")
+        return "\n".join([head] + ["  " + str(w) for w in self.weights.values()])
+
+
+def report(fn: Callable, base, lora, *args, **kwargs) -> Report:
+    """How ``apply(fn)`` computes each use of each adapted (or quantized) weight.
+
+    Traces abstractly (no FLOPs run).
+
+    Returns:
+      A :class:`Report`; ``str(report)`` is a readable table, ``report.fallbacks`` lists the
+      uses that take the merged weight and why, ``report.unused`` the adapters ``fn`` never
+      reads.
+
+    >>> import jax, jax.numpy as jnp, lora_jax
+    >>> p = {"w": {"kernel": jnp.ones((4, 3))}}
+    >>> lora = lora_jax.init(p, r=2, key=jax.random.key(0))
+    >>> rep = lora_jax.report(lambda p, x: x @ p["w"]["kernel"], p, lora, jnp.ones((2, 4)))
+    >>> rep["w/kernel"].routes, rep.fallbacks
+    (['fast'], [])
+    """
+    uses: dict = {}
+    jax.eval_shape(lambda b, l, a, k: _run(fn, b, l, a, k, report=uses), base, lora, args, kwargs)
+    lmap = L.leaves(lora)
+    order = list(lmap) + [p for p in uses if p not in lmap]
+    return Report({p: WeightReport(p, lmap[p].layout if p in lmap else None,
+                                   tuple(uses.get(p, ()))) for p in order})
+
+
+def _run(fn, base, lora, args, kwargs, *, rng=None, strict=False, mode="fast",
+         modules_to_save=None, bias="none", report=None, compute_dtype=None):
     L.check_fits(base, lora)
     lmap = L.leaves(lora)
     keep = trainable_base_paths(base, lora, modules_to_save=modules_to_save, bias=bias)
 
     def freeze(path, x):
-        if path in keep or P.is_base_leaf(x) or not jnp.issubdtype(x.dtype, jnp.floating):
+        dtype = getattr(x, "dtype", None)
+        if path in keep or P.is_base_leaf(x) or dtype is None or not jnp.issubdtype(
+                dtype, jnp.floating):
             return x
         return lax.stop_gradient(x)
 
@@ -655,32 +729,13 @@ def _run(fn, base, lora, args, kwargs, rng, strict, mode, modules_to_save, bias,
     if mode == "merged":
         return fn(L.merge(base, lora), *args, **kwargs)
 
-    pairs, base_def = jax.tree_util.tree_flatten_with_path(base, is_leaf=P.is_base_leaf)
-    base_paths = [P.path_str(p) for p, _ in pairs]
-    base_vals = [x for _, x in pairs]
-    abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in base_vals]
-
-    dyn_leaves, dyn_def = jax.tree.flatten((args, kwargs))
-    is_dyn = [_is_array(x) or isinstance(x, jax.core.Tracer) for x in dyn_leaves]
-    dyn_vals = [x for x, d in zip(dyn_leaves, is_dyn) if d]
-    out_tree = []
-
-    def traced(base_leaves, dyn):
-        it = iter(dyn)
-        leaves_ = [next(it) if d else x for x, d in zip(dyn_leaves, is_dyn)]
-        a, k = jax.tree.unflatten(dyn_def, leaves_)
-        out = fn(jax.tree.unflatten(base_def, base_leaves), *a, **k)
-        flat, tree = jax.tree.flatten(out)
-        out_tree.append(tree)
-        return flat
-
-    closed = jax.make_jaxpr(traced)(abstract, dyn_vals)
+    jx = tracing.trace(fn, base, args, kwargs)
     invals = []
-    for path, x in zip(base_paths, base_vals):
+    for path, x in zip(jx.base_paths, jx.base_leaves):
         if path in lmap or P.is_base_leaf(x):
             invals.append(_tag(path, x, lmap.get(path)))
         else:
             invals.append(x)
-    cfg = _Config(strict=strict, rng=rng, report=rep, compute_dtype=compute_dtype)
-    outs = _concrete(_eval_jaxpr(cfg, closed.jaxpr, closed.consts, invals + list(dyn_vals)))
-    return jax.tree.unflatten(out_tree[0], outs)
+    cfg = _Config(strict=strict, rng=rng, report=report, compute_dtype=compute_dtype)
+    outs = _concrete(_eval_jaxpr(cfg, jx.closed.jaxpr, jx.closed.consts, invals + jx.dyn_vals))
+    return jax.tree.unflatten(jx.out_tree, outs)

@@ -16,7 +16,9 @@ TOK = jax.random.randint(jax.random.key(5), (2, 16), 0, 64)
 def _setup(scan=False, fmt="nf4", dq=True, targets=r".*/(q|v|up)/kernel"):
     model = GPT(GPTConfig(**CFG, scan=scan))
     params = model.init(jax.random.key(1), TOK)
-    qbase = lora_jax.quantize(params, fmt, double_quant=dq)
+    # The traced layouts give nn.scan kernels their stack axis: blocks stay within a layer.
+    layouts = lora_jax.trace(model.apply, params, TOK) if scan else None
+    qbase = lora_jax.quantize(params, fmt, double_quant=dq, layouts=layouts)
     lora = lora_jax.init(params, r=4, key=jax.random.key(2), targets=targets,
                          stack_axes={".*layers.*": 1} if scan else None)
     return model, params, qbase, randomize(lora, jax.random.key(3), 0.05)
@@ -34,9 +36,9 @@ def test_qlora_values_and_grads_equal_lora_on_dequantized_weights(scan):
     assert abs(float(v) - float(v_ref)) < 1e-5
     assert max_rel_err(g, g_ref) < 1e-4
     rep = lora_jax.report(model.apply, qbase, lora, TOK)
-    for path, uses in rep.items():
-        want = "fast: dot_general" if path in lora_jax.lora.leaves(lora) else "base: dequantized"
-        assert all(u.startswith(want) for u in uses), (path, uses)
+    for path, w in rep.weights.items():
+        want = "fast" if path in lora_jax.lora.leaves(lora) else "dequantize"
+        assert w.uses and all(r == want for r in w.routes), (path, w)
 
 
 def test_stacked_layers_that_straddle_blocks_fall_back_correctly():
@@ -46,7 +48,7 @@ def test_stacked_layers_that_straddle_blocks_fall_back_correctly():
     ref = model.apply(lora_jax.merge(dense, lora), TOK)
     assert max_rel_err(out, ref) < 1e-5
     rep = lora_jax.report(model.apply, qbase, lora, TOK)
-    assert "blocks straddle layers" in rep["params/layers/block/q/kernel"][0]
+    assert "blocks straddle layers" in rep["params/layers/block/q/kernel"].uses[0].reason
 
 
 @pytest.mark.parametrize("fmt", ["fp4", "int4", "int8"])
