@@ -34,6 +34,7 @@ from jax import lax
 
 from lora_jax import fast_dot
 from lora_jax import lora as L
+from lora_jax import nnx as NNX
 from lora_jax import paths as P
 
 PyTree = Any
@@ -597,8 +598,12 @@ def apply(
     gradients flow to the adapters only: frozen base weights never get a gradient computed.
 
     Args:
-      fn: any function whose first argument is the parameter tree (``model.apply``, an NNX
-        ``lambda state, x: nnx.merge(graphdef, state)(x)``, a plain function).
+      fn: any function whose first argument is the parameter tree: ``model.apply``, an NNX
+        model as :func:`lora_jax.nnx.functional(graphdef) <lora_jax.nnx.functional>`
+        (``fn(params, rest, x) -> (y, rest)``, returning the updated RNG counts), a plain
+        function. A function that reads an NNX RNG count and does not return its update
+        (``lambda s, x: nnx.merge(graphdef, s)(x)`` with dropout) gets a ``UserWarning``: it
+        would draw the same random numbers on every call.
       strict: raise :class:`LoraFallbackError` instead of falling back to the merged weight.
       mode: ``"fast"`` (trace and rewrite) or ``"merged"`` (merge the weights, then run
         ``fn``; the simple reference path).
@@ -675,6 +680,8 @@ def _run(fn, base, lora, args, kwargs, rng, strict, mode, modules_to_save, bias,
         return flat
 
     closed = jax.make_jaxpr(traced)(abstract, dyn_vals)
+    if rep is None:  # an NNX RNG count read but not returned: the same masks every call
+        NNX.warn_unreturned_rng(fn, closed.jaxpr, base, args, kwargs, is_dyn)
     invals = []
     for path, x in zip(base_paths, base_vals):
         if path in lmap or P.is_base_leaf(x):

@@ -1,11 +1,17 @@
-"""Flax NNX models: parameter paths that keep a module attribute called ``value`` (issue #14).
+"""Flax NNX models: RNG state threaded through ``apply`` (fresh dropout masks every step), and
+parameter paths that keep a module attribute called ``value`` (issue #14).
 
 The model is a small NNX transformer: token and position embeddings, ``nnx.MultiHeadAttention``
 (whose value projection is the attribute ``value``), an MLP with ``nnx.Dropout``, LayerNorm.
+References: the stateful NNX model itself with merged weights, called step after step.
 """
 
+import warnings
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file
@@ -60,6 +66,92 @@ def make(train=True):
 def adapters(params):
     return randomize(lora_jax.init(params, r=2, alpha=4, key=jax.random.key(1)),
                      jax.random.key(2), 0.3)
+
+
+# ----------------------------------------------------------------------------------------
+# RNG state: fresh dropout masks on every step
+
+
+def test_functional_form_draws_new_dropout_masks_every_step():
+    model = make()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    lora = adapters(params)
+    fwd = jax.jit(lora_jax.apply(lora_jax.nnx.functional(graphdef)))
+
+    y1, rest1 = fwd(params, lora, rest, IDS)
+    y2, rest2 = fwd(params, lora, rest1, IDS)
+    assert max_rel_err(y1, y2) > 1e-2, "the same dropout masks on two steps"
+    y1_again, _ = fwd(params, lora, rest, IDS)
+    np.testing.assert_array_equal(y1, y1_again)  # the state alone decides the masks
+
+    # Reference: the stateful NNX model with merged weights, called twice.
+    nnx.update(model, lora_jax.merge(params, lora))
+    assert max_rel_err(y1, model(IDS)) < 1e-5
+    assert max_rel_err(y2, model(IDS)) < 1e-5
+    counts = lambda s: [int(c) for c in jax.tree.leaves(nnx.state(s, nnx.RngCount))]  # noqa: E731
+    assert counts(rest2) == counts(nnx.state(model, nnx.RngCount))
+
+
+def test_training_steps_see_new_dropout_masks():
+    graphdef, params, rest = nnx.split(make(), nnx.Param, ...)
+    lora = adapters(params)
+    fwd = lora_jax.apply(lora_jax.nnx.functional(graphdef))
+
+    def loss_fn(lora, rest, ids):
+        logits, rest = fwd(params, lora, rest, ids)
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0]), (rest, logits)
+
+    @jax.jit
+    def step(lora, rest, ids):
+        (_, (rest, logits)), g = jax.value_and_grad(loss_fn, has_aux=True)(lora, rest, ids)
+        return jax.tree.map(lambda p, d: p - 0.0 * d, lora, g), rest, logits
+
+    _, rest, logits1 = step(lora, rest, IDS)
+    _, rest, logits2 = step(lora, rest, IDS)  # same adapters (lr 0): only the masks differ
+    assert max_rel_err(logits1, logits2) > 1e-2
+
+
+def test_a_dropped_rng_update_warns_once():
+    graphdef, state = nnx.split(make())
+    lora = adapters(state)
+    f = lora_jax.apply(lambda s, x: nnx.merge(graphdef, s)(x))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jax.jit(f)(state, lora, IDS)
+        f(state, lora, IDS)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(msgs) == 1, msgs
+    assert "blocks/0/drop/rngs/count" in msgs[0] and "lora_jax.nnx.functional" in msgs[0]
+
+    # The same mistake with the RNG state passed as an argument.
+    graphdef, params, rest = nnx.split(make(), nnx.Param, ...)
+    g = lora_jax.apply(lambda p, r, x: nnx.merge(graphdef, p, r)(x))
+    with pytest.warns(UserWarning, match=r"args/0/blocks/0/drop/rngs/count"):
+        g(params, adapters(params), rest, IDS)
+
+
+def test_no_warning_when_the_rng_state_is_returned_or_unused():
+    graphdef, params, rest = nnx.split(make(), nnx.Param, ...)
+    lora = adapters(params)
+    eval_def, eval_state = nnx.split(make(train=False))
+    linen = nn.Dense(4)
+    lparams = linen.init(jax.random.key(0), jnp.ones((2, 3)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jax.jit(lora_jax.apply(lora_jax.nnx.functional(graphdef)))(params, lora, rest, IDS)
+        # Eval mode: dropout reads no RNG count, so the old form is correct there.
+        lora_jax.apply(lambda s, x: nnx.merge(eval_def, s)(x))(eval_state, adapters(eval_state),
+                                                                IDS)
+        lora_jax.apply(linen.apply)(lparams, adapters(lparams), jnp.ones((2, 3)))
+
+
+def test_functional_calls_the_chosen_method():
+    graphdef, params, rest = nnx.split(make(train=False), nnx.Param, ...)
+    y, _ = lora_jax.nnx.functional(graphdef)(params, rest, IDS)
+    by_name, _ = lora_jax.nnx.functional(graphdef, "__call__")(params, rest, IDS)
+    embed, _ = lora_jax.nnx.functional(graphdef, lambda m, ids: m.tok(ids))(params, rest, IDS)
+    np.testing.assert_array_equal(y, by_name)
+    np.testing.assert_array_equal(embed, params["tok"]["embedding"][...][IDS])
 
 
 # ----------------------------------------------------------------------------------------
