@@ -2,6 +2,7 @@
 
 from lora_jax import adalora
 from lora_jax import checkpoint
+from lora_jax import nnx
 from lora_jax import peft
 from lora_jax import sharding
 from lora_jax.layouts import Layouts
@@ -56,6 +57,7 @@ __all__ = [
     "init",
     "is_quantized",
     "merge",
+    "nnx",
     "optimizer",
     "param_count",
     "quantize",

@@ -20,6 +20,7 @@ adapted kernel, with ``scale = alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA).
 
 from __future__ import annotations
 
+import difflib
 import math
 import zlib
 from collections.abc import Mapping, Sequence
@@ -452,7 +453,11 @@ def check_fits(base: PyTree, lora: PyTree) -> dict[str, Any]:
     out = {}
     for path, leaf in leaves(lora).items():
         if path not in base_flat:
-            near = [p for p in base_flat if p.rsplit("/", 1)[-1] == path.rsplit("/", 1)[-1]]
+            # The base paths most like it, compared by path component (a module renamed or
+            # dropped from the path is one component off), so that the culprit is shown.
+            parts = path.split("/")
+            near = sorted((p for p in base_flat if p.rsplit("/", 1)[-1] == parts[-1]),
+                          key=lambda p: -difflib.SequenceMatcher(None, parts, p.split("/")).ratio())
             raise ValueError(
                 f"LoRA tree has {path!r}, which the base tree lacks"
                 + (f"; base has e.g. {near[:3]}" if near else "")

@@ -1,8 +1,11 @@
 """Parameter paths and target selection.
 
 A parameter's *path* is its position in the pytree written as '/'-joined keys, e.g.
-``"params/Dense_0/kernel"``. NNX ``State`` trees wrap each array in a ``Variable`` whose
-``.value`` attribute is dropped from the path, so an NNX kernel reads ``"l1/kernel"``.
+``"params/Dense_0/kernel"``. NNX wraps each array in a ``Variable``, which flattens to one
+child under the key ``GetAttrKey('value')``; that wrapper key is dropped, so an NNX kernel
+reads ``"l1/kernel"`` whether the tree is an ``nnx.State`` or the module itself. A module
+attribute or dict key that is really called ``value`` (``nnx.MultiHeadAttention.value``)
+keeps its name: ``"attn/value/kernel"``.
 Targets are regular expressions matched with ``re.fullmatch`` against these paths.
 
 >>> import jax.numpy as jnp
@@ -56,12 +59,12 @@ def dense(x: Any, dtype=None, *, after: jax.Array | None = None) -> jax.Array:
     return x if dtype is None else x.astype(dtype)
 
 
-def key_str(k: Any) -> str | None:
-    """One path entry as text; ``None`` for entries that are dropped (NNX ``.value``)."""
+def key_str(k: Any) -> str:
+    """One path entry as text."""
     if isinstance(k, jax.tree_util.DictKey):
         return str(k.key)
     if isinstance(k, jax.tree_util.GetAttrKey):
-        return None if k.name == "value" else k.name
+        return k.name
     if isinstance(k, jax.tree_util.SequenceKey):
         return str(k.idx)
     if isinstance(k, jax.tree_util.FlattenedIndexKey):
@@ -69,9 +72,35 @@ def key_str(k: Any) -> str | None:
     return str(k)
 
 
+def _variable_key_index(keypath: Sequence[Any]) -> int | None:
+    """Index of the NNX ``Variable`` wrapper's key in ``keypath``, if it has one.
+
+    A Variable flattens to its value under ``GetAttrKey('value')`` (flax 0.12), and
+    holds an array or a registered base leaf, never a module; the attributes of modules lie
+    above it (``GetAttrKey`` when a module is flattened itself, ``DictKey`` in an
+    ``nnx.State``). So the wrapper is the innermost ``GetAttrKey('value')``, with nothing
+    below it but the fields of a leaf object; any other ``value`` is a real attribute
+    (``MultiHeadAttention.value``) and stays in the path. Keys alone cannot tell a dataclass
+    field ``value`` holding a bare array from a Variable: such a field is dropped too.
+    """
+    for i in range(len(keypath) - 1, -1, -1):
+        k = keypath[i]
+        if isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
+            return i
+        if isinstance(k, (jax.tree_util.DictKey, jax.tree_util.SequenceKey)):
+            return None  # inside a dict or list: not a Variable's (array) content
+    return None
+
+
 def path_str(keypath: Sequence[Any]) -> str:
-    """'/'-joined text form of a jax key path."""
-    return "/".join(s for s in (key_str(k) for k in keypath) if s is not None)
+    """'/'-joined text form of a jax key path, without NNX's ``Variable`` wrapper key.
+
+    >>> from jax.tree_util import DictKey, GetAttrKey
+    >>> path_str((GetAttrKey("attn"), GetAttrKey("value"), DictKey("kernel"), GetAttrKey("value")))
+    'attn/value/kernel'
+    """
+    skip = _variable_key_index(keypath)
+    return "/".join(key_str(k) for i, k in enumerate(keypath) if i != skip)
 
 
 def flatten(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[str, Any]]:

@@ -28,6 +28,7 @@ class Traced:
       base_leaves: the base leaves (dense arrays or registered base leaves such as
         ``QuantizedArray``), in the same order.
       dyn_vals: the traced (array) leaves of ``(args, kwargs)``.
+      is_dyn: per leaf of ``(args, kwargs)``: whether it is traced (in ``dyn_vals``).
       out_tree: the output's pytree structure.
     """
 
@@ -35,6 +36,7 @@ class Traced:
     base_paths: list[str]
     base_leaves: list[Any]
     dyn_vals: list[Any]
+    is_dyn: list[bool]
     out_tree: Any
 
 
@@ -71,4 +73,4 @@ def trace(fn: Callable, base: Any, args: tuple, kwargs: dict) -> Traced:
     abstract_dyn = [jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct)
                     else x for x in dyn_vals]
     closed = jax.make_jaxpr(traced)(abstract, abstract_dyn)
-    return Traced(closed, base_paths, base_leaves, dyn_vals, out_tree[0])
+    return Traced(closed, base_paths, base_leaves, dyn_vals, is_dyn, out_tree[0])

@@ -34,6 +34,7 @@ from jax import lax
 from lora_jax import fast_dot
 from lora_jax import layouts as Lay
 from lora_jax import lora as L
+from lora_jax import nnx as NNX
 from lora_jax import paths as P
 from lora_jax import tracing
 
@@ -575,8 +576,12 @@ def apply(
     gradients flow to the adapters only: frozen base weights never get a gradient computed.
 
     Args:
-      fn: any function whose first argument is the parameter tree (``model.apply``, an NNX
-        ``lambda state, x: nnx.merge(graphdef, state)(x)``, a plain function).
+      fn: any function whose first argument is the parameter tree: ``model.apply``, an NNX
+        model as :func:`lora_jax.nnx.functional(graphdef) <lora_jax.nnx.functional>`
+        (``fn(params, rest, x) -> (y, rest)``, returning the updated RNG counts), a plain
+        function. A function that reads an NNX RNG count and does not return its update
+        (``lambda s, x: nnx.merge(graphdef, s)(x)`` with dropout) gets a ``UserWarning``: it
+        would draw the same random numbers on every call.
       strict: raise :class:`LoraFallbackError` instead of falling back to the merged weight.
       mode: ``"fast"`` (trace and rewrite) or ``"merged"`` (merge the weights, then run
         ``fn``; the simple reference path).
@@ -730,6 +735,8 @@ def _run(fn, base, lora, args, kwargs, *, rng=None, strict=False, mode="fast",
         return fn(L.merge(base, lora), *args, **kwargs)
 
     jx = tracing.trace(fn, base, args, kwargs)
+    if report is None:  # an NNX RNG count read but not returned: the same masks every call
+        NNX.warn_unreturned_rng(fn, jx.closed.jaxpr, base, args, kwargs, jx.is_dyn)
     invals = []
     for path, x in zip(jx.base_paths, jx.base_leaves):
         if path in lmap or P.is_base_leaf(x):
