@@ -47,7 +47,7 @@ def main(method: str = "qlora", steps: int = 20, *, rank: int = 8, alpha: float 
          lr: float = 1e-3, batch: int = 4, seq: int = 64, eval_seqs: int = 8,
          eval_seq: int = 128, gen_tokens: int = 30, prompt: str = PROMPT,
          targets: str = r".*(q_proj|v_proj)/kernel", seed: int = 0, out: str | None = None,
-         quiet: bool = False) -> dict:
+         quiet: bool = False, blocks: str = "input") -> dict:
     """Loads SmolLM2, fine-tunes it with ``method`` and prints the comparison.
 
     Args:
@@ -63,6 +63,9 @@ def main(method: str = "qlora", steps: int = 20, *, rank: int = 8, alpha: float 
       seed: PRNG seed (adapter init, batch order).
       out: folder for the adapter, saved under ``out/smollm2-<method>`` (default: a temp dir).
       quiet: no progress bar.
+      blocks: QLoRA's block orientation, ``"input"`` (along each kernel's input axis, as
+        bitsandbytes quantizes the PyTorch weight) or ``"row-major"`` (see
+        :func:`lora_jax.quantize`).
 
     Returns:
       The printed figures as a dict.
@@ -94,7 +97,7 @@ def main(method: str = "qlora", steps: int = 20, *, rank: int = 8, alpha: float 
     lora = lora_jax.init(params, r=rank, alpha=alpha, targets=targets,
                          key=jax.random.key(seed))
     if method == "qlora":
-        base = lora_jax.quantize(params, "nf4", double_quant=True)
+        base = lora_jax.quantize(params, "nf4", double_quant=True, blocks=blocks)
         qb = lora_jax.quantized_bytes(base)
         print(f"NF4 base: {qb['params']:,} kernel params in {_mb(qb['total'])} "
               f"({qb['bits_per_param']:.3f} bits/param, {_mb(qb['dense_bytes'])} as float32)")
@@ -189,10 +192,12 @@ def cli(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--blocks", choices=("input", "row-major"), default="input",
+                    help="QLoRA block orientation (see lora_jax.quantize)")
     a = ap.parse_args(argv)
     return main(a.method, a.steps, rank=a.rank, alpha=a.alpha, lr=a.lr, batch=a.batch,
                 seq=a.seq, eval_seqs=a.eval_seqs, eval_seq=a.eval_seq, gen_tokens=a.gen_tokens,
-                prompt=a.prompt, seed=a.seed, out=a.out, quiet=a.quiet)
+                prompt=a.prompt, seed=a.seed, out=a.out, quiet=a.quiet, blocks=a.blocks)
 
 
 if __name__ == "__main__":

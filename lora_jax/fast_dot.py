@@ -13,6 +13,7 @@ outlives its matmul. The base never receives a cotangent.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -96,9 +97,14 @@ def merged_view(base, leaf, ops, anchor=None) -> jax.Array:
 
 
 def _factor_views(leaf, lay: Layout, dtype):
-    """``U (*b_shape, *c_shape, r)`` and ``V (*b_shape, r, *f_shape)`` with
-    ``view(A·B) = U·V`` over r, batched over the weight view's batch dims."""
+    """``U (*b_shape, *c_shape, R)`` and ``V (*b_shape, R, *f_shape)`` with
+    ``view(A·B) = U·V`` over R, batched over the weight view's batch dims.
+
+    R is the rank r, times the size of any stack axes the use keeps as free dims: their
+    adapters are side by side in U and block-diagonal in V.
+    """
     a, b = leaf.factors()
+    ks = lay.kernel_shape
     stack, ins, outs = Lay.split(lay.roles, range(len(lay.roles)))
     r = a.shape[-1]
     a_pos = {k: j for j, k in enumerate(stack + ins)}  # A: (*stack, *in, r)
@@ -108,19 +114,36 @@ def _factor_views(leaf, lay: Layout, dtype):
     for k, idx in lay.fixed:  # w[i] on a stack axis: that adapter's factors
         a = lax.index_in_dim(a, idx, a_pos[k], keepdims=True)
         b = lax.index_in_dim(b, idx, b_pos[k], keepdims=True)
+    fs = tuple(k for k in lay.f_atoms if k in stack)  # stack axes kept as free dims
     used = set(lay.b_atoms + lay.c_atoms + lay.f_atoms)
     rest = lambda axes: tuple(k for k in axes if k not in used)  # noqa: E731 (size-1 axes)
     lead = lay.b_atoms + rest(stack)
+    f_core = tuple(k for k in lay.f_atoms if k not in fs)
     if lay.contract_in:
-        u = a.transpose([a_pos[k] for k in lead + lay.c_atoms + rest(ins)] + [a_rank])
-        v = b.transpose([b_pos[k] for k in lead] + [b_rank]
-                        + [b_pos[k] for k in lay.f_atoms + rest(outs)])
+        u, u_pos, u_rank, u_rest = a, a_pos, a_rank, rest(ins)
+        v, v_pos, v_rank, v_rest = b, b_pos, b_rank, rest(outs)
     else:
-        u = b.transpose([b_pos[k] for k in lead + lay.c_atoms + rest(outs)] + [b_rank])
-        v = a.transpose([a_pos[k] for k in lead] + [a_rank]
-                        + [a_pos[k] for k in lay.f_atoms + rest(ins)])
-    u = u.reshape(lay.b_shape + lay.c_shape + (r,)).astype(dtype)
-    v = v.reshape(lay.b_shape + (r,) + lay.f_shape).astype(dtype)
+        u, u_pos, u_rank, u_rest = b, b_pos, b_rank, rest(outs)
+        v, v_pos, v_rank, v_rest = a, a_pos, a_rank, rest(ins)
+    u = u.transpose([u_pos[k] for k in lead + lay.c_atoms + u_rest + fs] + [u_rank])
+    v = v.transpose([v_pos[k] for k in lead + fs] + [v_rank] + [v_pos[k] for k in f_core + v_rest])
+    if fs:  # block-diagonal: V[.., (s, j), .., s', ..] = B[s, j, ..] if s == s'
+        letters = iter("abcdefghijklmnopqrstuvwxyz")
+        L_ = [next(letters) for _ in lead]
+        S = {k: next(letters) for k in fs}
+        S2 = {k: next(letters) for k in fs}
+        R = next(letters)
+        O_ = {k: next(letters) for k in f_core + v_rest}
+        lhs = "".join(L_) + "".join(S[k] for k in fs) + R + "".join(O_[k] for k in f_core + v_rest)
+        eyes = [f"{S[k]}{S2[k]}" for k in fs]
+        col = {**S2, **O_}
+        out = ("".join(L_) + "".join(S[k] for k in fs) + R
+               + "".join(col[k] for k in lay.f_atoms) + "".join(O_[k] for k in v_rest))
+        v = jnp.einsum(",".join([lhs] + eyes) + "->" + out, v,
+                       *[jnp.eye(ks[k], dtype=v.dtype) for k in fs])
+    big_r = r * math.prod(ks[k] for k in fs)
+    u = u.reshape(lay.b_shape + lay.c_shape + (big_r,)).astype(dtype)
+    v = v.reshape(lay.b_shape + (big_r,) + lay.f_shape).astype(dtype)
     return u, v
 
 

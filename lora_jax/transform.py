@@ -227,12 +227,18 @@ def _lowrank_layout(t: _Tagged, w_contract, w_batch, w_free):
     if any(roles[k] != Lay.STACK for k in b):
         return (f"batched dot_general over kernel axes {b}, which the adapter does not treat "
                 f"as stack axes; {hint}")
-    if sorted(b + tuple(k for k in fixed if ks[k] != 1)) != list(stack):
-        return (f"stack axes {stack} of the adapter are neither batch dimensions of this "
-                f"dot_general nor indexed; {hint}")
-    if sorted(c) == list(ins) and sorted(f) == list(outs) and c:
+    # A stack axis kept as a free dim of the use (e.g. a fused kv kernel with separate k and v
+    # adapters) is computed block-diagonally; one the use contracts has no low-rank form.
+    free_stack = tuple(k for k in f if roles[k] == Lay.STACK)
+    if any(roles[k] == Lay.STACK for k in c):
+        return f"the dot_general contracts stack axes of the adapter; {hint}"
+    if sorted(b + free_stack + tuple(k for k in fixed if ks[k] != 1)) != list(stack):
+        return (f"stack axes {stack} of the adapter are neither batch nor free dimensions of "
+                f"this dot_general, nor indexed; {hint}")
+    f_core = sorted(k for k in f if roles[k] != Lay.STACK)
+    if sorted(c) == list(ins) and f_core == list(outs) and c:
         contract_in = True
-    elif sorted(c) == list(outs) and sorted(f) == list(ins) and c:
+    elif sorted(c) == list(outs) and f_core == list(ins) and c:
         contract_in = False  # x·Wᵀ: e.g. a tied embedding used as the output head
     else:
         return (f"the dot_general contracts kernel axes {c} and keeps {f}, which do not "

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import lora_jax
+
 from lora_jax import quant
 from lora_jax.quant import QuantizedArray, dequantize_tree, is_quantized, quantize
 from lora_jax.quant import quantize_array, quantized_bytes
@@ -81,6 +83,47 @@ def _cpp_dynamic_codes(v):
     t = (np.clip(v, F32(-1), F32(1)) + F32(1)) * F32(0.5)
     # (v + 1) * 0.5 * 65535 + 0.5 with the last multiply-add contracted to one FMA
     return _cpp_table()[(t.astype(np.float64) * 65535 + 0.5).astype(F32).astype(np.int64)]
+
+
+@pytest.mark.parametrize("name", ["m", "odd"])
+@pytest.mark.parametrize("dq", [0, 1])
+def test_model_quantized_here_and_by_bitsandbytes_gets_the_same_codes(name, dq):
+    # bitsandbytes quantizes a PyTorch Linear weight (out, in); the same layer in Flax is the
+    # kernel (in, out) = weight.T. quantize() blocks along the kernel's input axis, so both
+    # libraries store the same codes for the same model.
+    weight = BNB[f"{name}/x"]
+    ref = lambda key: BNB[f"{name}/nf4/dq{dq}/{key}"]  # noqa: E731
+    params = {"layer": {"kernel": jnp.asarray(weight.T)}}
+    for layouts in (None, lora_jax.trace(lambda p, x: x @ p["layer"]["kernel"], params,
+                                         jnp.ones((2, weight.shape[1])))):
+        q = quantize(params, "nf4", double_quant=bool(dq), layouts=layouts)["layer"]["kernel"]
+        assert q.order == (1, 0)
+        np.testing.assert_array_equal(np.asarray(q.codes), ref("packed"))
+        np.testing.assert_allclose(np.asarray(q.dequantize()), ref("dequantized").T, rtol=1e-6,
+                                   atol=1e-7)
+    # The other orientation (this library's layout before): blocks along the output axis.
+    q = quantize(params, "nf4", double_quant=bool(dq), blocks="row-major")["layer"]["kernel"]
+    assert q.order is None
+    assert not np.array_equal(np.asarray(q.codes), ref("packed"))
+    np.testing.assert_array_equal(np.asarray(q.codes),
+                                  np.asarray(quantize_array(weight.T, "nf4",
+                                                            double_quant=bool(dq)).codes))
+
+
+def test_blocks_follow_traced_layout_of_heads_first_kernel():
+    # q_einsum (N, D, H) used as BTD,NDH->BTNH: input axis D in the middle. Blocks run along D:
+    # the codes are those of the kernel transposed to (N, H, D), flattened.
+    w = jax.random.normal(jax.random.key(0), (4, 64, 8))
+    params = {"q": {"w": w}}
+    fn = lambda p, x: jnp.einsum("BTD,NDH->BTNH", x, p["q"]["w"])  # noqa: E731
+    layouts = lora_jax.trace(fn, params, jnp.ones((1, 3, 64)))
+    assert layouts["q/w"].roles == "oio"
+    q = quantize(params, "nf4", layouts=layouts)["q"]["w"]
+    assert q.order == (0, 2, 1)
+    ref = quantize_array(jnp.transpose(w, (0, 2, 1)), "nf4", double_quant=True)
+    np.testing.assert_array_equal(np.asarray(q.codes), np.asarray(ref.codes))
+    np.testing.assert_array_equal(np.asarray(q.dequantize()),
+                                  np.transpose(np.asarray(ref.dequantize()), (0, 2, 1)))
 
 
 def test_dynamic_code_lookup_matches_cpp_kernel():
