@@ -324,7 +324,7 @@ def test_init_by_use_adapts_exactly_the_projections_with_standard_factors(style)
     for path, roles in EXPECTED[style].items():
         leaf, shape = leaves[path], tuple(pflat[path].shape)
         a_shape, b_shape, count = standard_factors(shape, roles, R)
-        assert leaf.roles == roles, path
+        assert leaf.layout == roles, path
         assert leaf.kernel_shape == shape, path
         assert (leaf.a.shape, leaf.b.shape) == (a_shape, b_shape), path
         assert leaf.a.size + leaf.b.size == count, path
@@ -459,7 +459,7 @@ def test_rule_makes_the_fused_axis_a_stack_of_separate_adapters(style, fused):
     assert set(leaves) == set(EXPECTED[style])  # the catch-all rule keeps the others
     leaf, shape = leaves[path], tuple(flat(params)[path].shape)
     c, heads, d, h = shape
-    assert leaf.roles == "soio"
+    assert leaf.layout == "soio"
     assert (leaf.a.shape, leaf.b.shape) == ((c, d, R), (c, R, heads, h))
     assert leaf.a.size + leaf.b.size == c * R * (d + heads * h)
     np.testing.assert_allclose(leaf.delta(), np_delta(leaf.a, leaf.b, "soio", leaf.scale),
@@ -467,7 +467,7 @@ def test_rule_makes_the_fused_axis_a_stack_of_separate_adapters(style, fused):
     # Separate adapters: slice 1 of the delta (v in kv, k in qkv) is its own factors' product.
     d_1 = np_delta(leaf.a[1:2], leaf.b[1:2], "soio", leaf.scale)[0]
     np.testing.assert_allclose(leaf.delta()[1], d_1, rtol=1e-5, atol=1e-6)
-    assert leaves["params/layer_0/attn/attn_vec_einsum/w"].roles == "iio"  # others by use
+    assert leaves["params/layer_0/attn/attn_vec_einsum/w"].layout == "iio"  # others by use
     assert_fast(lora_jax.report(fn, params, lora, *args), EXPECTED[style])
     check_against_merged(style, params, lora)
 
