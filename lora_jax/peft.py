@@ -55,6 +55,7 @@ import numpy as np
 from safetensors import numpy as st
 
 from lora_jax import adalora as AL
+from lora_jax import layouts as Lay
 from lora_jax import lora as L
 from lora_jax import paths as P
 
@@ -449,8 +450,7 @@ def save(
         parts = _parts(fn, path)
         if parts is None:
             raise ValueError(f"save: name_map gives no PyTorch module name for {path!r}")
-        if leaf.roles and leaf.roles != leaf.layout[:0] + "s" * leaf.stack_axes + \
-                "i" * leaf.in_axes + "o" * len(leaf.out_shape):
+        if leaf.layout != Lay.canonical(len(leaf.layout), leaf.in_axes, leaf.stack_axes):
             raise ValueError(
                 f"save: {path!r} has a kernel laid out as roles {leaf.roles!r}; PEFT's format "
                 "stores (out, in) matrices of kernels laid out as (*stack, *in, *out), and "
