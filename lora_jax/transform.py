@@ -35,6 +35,7 @@ from jax import lax
 from lora_jax import fast_dot
 from lora_jax import lora as L
 from lora_jax import paths as P
+from lora_jax import validation as V
 
 PyTree = Any
 
@@ -614,6 +615,9 @@ def apply(
     """
     if mode not in ("fast", "merged"):
         raise ValueError(f"mode must be 'fast' or 'merged', got {mode!r}")
+    if not callable(fn):
+        raise TypeError(f"apply: fn must be a function of the parameter tree (e.g. model.apply),"
+                        f" got a {type(fn).__name__}; call apply(fn)(base, lora, *args)")
 
     @functools.wraps(fn)
     def wrapped(base, lora, *args, lora_rng=None, **kwargs):
@@ -642,7 +646,8 @@ def report(fn: Callable, base, lora, *args, **kwargs) -> dict[str, list[str]]:
 
 def _run(fn, base, lora, args, kwargs, rng, strict, mode, modules_to_save, bias, rep,
          compute_dtype=None):
-    L.check_fits(base, lora)
+    V.base_leaves(base, "apply")
+    L.check_fits(base, lora, where="apply")
     lmap = L.leaves(lora)
     keep = trainable_base_paths(base, lora, modules_to_save=modules_to_save, bias=bias)
 
