@@ -417,9 +417,9 @@ def _not_ours(path: str, want: str) -> str | None:
         return (f"{path} is a Manager directory (steps {steps}), not one adapter; pass one step "
                 f"such as {os.path.join(path, str(steps[-1]))}, or use Manager(path).restore()")
     if "_CHECKPOINT_METADATA" in entries:
-        return (f"{path} is an Orbax checkpoint that lora_jax did not write (items "
-                f"{[e for e in entries if not e.startswith('_')]}); expected the 'adapter' and "
-                "'arrays' items of save_adapter")
+        items = [e for e in entries if os.path.isdir(os.path.join(path, e))]
+        return (f"{path} is an Orbax checkpoint that lora_jax did not write (items {items}); "
+                "expected the 'adapter' and 'arrays' items of save_adapter")
     return (f"{path} is not a lora_jax adapter: it holds {entries[:6]}"
             f"{' ...' if len(entries) > 6 else ''}, expected the 'adapter' and 'arrays' items "
             "that save_adapter writes")

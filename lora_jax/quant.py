@@ -548,7 +548,7 @@ def quantize_array(
     if not hasattr(x, "dtype"):
         try:
             x = jnp.asarray(x)
-        except TypeError:
+        except (TypeError, ValueError):
             raise TypeError(f"{path}: cannot quantize a {type(x).__name__}; expected a "
                             "floating-point array") from None
     if not jnp.issubdtype(x.dtype, jnp.floating):

@@ -37,6 +37,14 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
+def _show(value: Any) -> str:
+    """A short repr: numpy scalars as plain numbers, long values cut."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def integer(value: Any, where: str, *, low: int | None = None) -> int:
     """``value`` as a Python int; any integer type, never a bool or a float.
 
@@ -52,7 +60,7 @@ def integer(value: Any, where: str, *, low: int | None = None) -> int:
           and not isinstance(value, jax.core.Tracer)):
         v = int(value)  # a 0-d integer array, e.g. a step counter
     else:
-        raise TypeError(f"{where} must be an integer, got {value!r} ({_kind(value)})")
+        raise TypeError(f"{where} must be an integer, got {_show(value)} ({_kind(value)})")
     if low is not None and v < low:
         raise ValueError(f"{where} must be an integer >= {low}, got {v}")
     return v
@@ -65,7 +73,7 @@ def number(value: Any, where: str) -> float:
         if not (hasattr(value, "dtype") and getattr(value, "shape", None) == ()
                 and jnp.issubdtype(value.dtype, jnp.number)
                 and not isinstance(value, jax.core.Tracer)):
-            raise TypeError(f"{where} must be a number, got {value!r} ({_kind(value)})")
+            raise TypeError(f"{where} must be a number, got {_show(value)} ({_kind(value)})")
     v = float(value)
     if not math.isfinite(v):
         raise ValueError(f"{where} must be a finite number, got {v}")
@@ -117,7 +125,8 @@ def axes_arg(value: Any, where: str, *, low: int) -> Any:
 def regex(pattern: Any, where: str) -> str:
     """A regex string that compiles."""
     if not isinstance(pattern, str):
-        raise TypeError(f"{where} must be a regex string, got {pattern!r} ({_kind(pattern)})")
+        raise TypeError(f"{where} must be a regex string, got {_show(pattern)} "
+                        f"({_kind(pattern)})")
     try:
         re.compile(pattern)
     except re.error as e:
@@ -135,7 +144,7 @@ def patterns(value: Any, where: str) -> Any:
         for i, p in enumerate(value):
             regex(p, f"{where}[{i}]")
         return value
-    raise TypeError(f"{where} must be a regex string or a list of them, got {value!r} "
+    raise TypeError(f"{where} must be a regex string or a list of them, got {_show(value)} "
                     f"({_kind(value)})")
 
 
@@ -148,7 +157,7 @@ def prng_key(key: Any, where: str) -> None:
         return
     if dtype is not None and np.dtype(dtype) == np.uint32 and tuple(key.shape) == (2,):
         return
-    raise TypeError(f"{where} must be a PRNG key such as jax.random.key(0), got {key!r:.80} "
+    raise TypeError(f"{where} must be a PRNG key such as jax.random.key(0), got {_show(key)} "
                     f"({_kind(key)})")
 
 
