@@ -372,7 +372,7 @@ def _sync(name: str) -> None:
 
 def _recovered(path: str) -> str:
     """``path`` after recovering from killed saves; read-only folders are resolved in place."""
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not _is_step_dir(path):  # a Manager cleans its own steps
         try:
             _recover(path)
         except OSError:

@@ -12,8 +12,8 @@ calls what a file names.
 >>> import jax.numpy as jnp, optax
 >>> arrays = []
 >>> tree = encode({"opt": optax.adam(1e-3).init({"w": jnp.ones(2)})}, arrays, type_names())
->>> tree["c"][0]["c"][0]["cls"], len(arrays)
-('optax._src.transform:ScaleByAdamState', 3)
+>>> tree["c"][0]["c"][0]["cls"].endswith(":ScaleByAdamState"), len(arrays)
+(True, 3)
 >>> decode({"t": "struct", "cls": "os:system", "f": [], "static": {"command": "ls"}}, [],
 ...        Reader("example"))
 Traceback (most recent call last):
@@ -151,8 +151,8 @@ class Reader:
             cls = same[0] if len(same) == 1 else None
         if cls is None:
             raise self.error(node, f"names the type {name!r}, which is not a registered "
-                             "checkpoint type, so nothing is built from it. If it is a state "
-                             "class of your own and the file is trusted, call "
+                             "checkpoint type, so nothing is built from it. If it is a class of "
+                             "your own and the file is trusted, call "
                              "lora_jax.checkpoint.register(cls) before restoring")
         return cls
 

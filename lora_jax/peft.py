@@ -585,6 +585,8 @@ def load(
         across the layers of one stacked kernel, AdaLoRA fused modules with different factors.
     """
     V.params_tree(params, "peft.load")
+    in_axes = V.axes_arg(in_axes, "peft.load: in_axes", low=1)
+    stack_axes = V.axes_arg(stack_axes, "peft.load: stack_axes", low=0)
     cfg = _read_config(directory)
     kind = _check_config(cfg, f"load {os.fspath(directory)!r}")
     _check_values(cfg, kind, f"load: {os.path.join(os.fspath(directory), CONFIG_NAME)}")
@@ -633,7 +635,7 @@ def load(
         else:
             out[path] = _load_lora(t, per_index, mods, cfg, dtype, dropout)
     tree = L.from_leaves(out)
-    L.check_fits(params, tree)
+    L.check_fits(params, tree, where="peft.load")
     return tree
 
 

@@ -40,6 +40,7 @@ from lora_jax import adalora as _ada
 from lora_jax import lora as L
 from lora_jax import paths as P
 from lora_jax import quant as Q
+from lora_jax import validation as V
 
 PyTree = Any
 POLICIES = ("inherit", "replicate")
@@ -393,6 +394,7 @@ def fsdp(
     """
     axes = (axis,) if isinstance(axis, str) else tuple(axis)
     _check_axes(mesh, axes)
+    min_size = V.integer(min_size, "fsdp: min_size", low=0)
     n = math.prod(mesh.shape[a] for a in axes)
     prior = _spec_map(specs) if specs is not None else {}
     out = {}
@@ -452,6 +454,10 @@ def tensor_parallel(
     {'o/kernel': P('model',), 'q/bias': P('model',), 'q/kernel': P(None, 'model')}
     """
     _check_axes(mesh, (axis,))
+    in_axes = V.axes_arg(in_axes, "tensor_parallel: in_axes", low=1)
+    stack_axes = V.integer(stack_axes, "tensor_parallel: stack_axes", low=0)
+    V.patterns(column, "tensor_parallel: column")
+    V.patterns(row, "tensor_parallel: row")
     n = mesh.shape[axis]
     cols, rows = P.as_patterns(column), P.as_patterns(row)
     flat = P.flatten(params)

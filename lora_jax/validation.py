@@ -222,12 +222,13 @@ def no_default_target(params: PyTree, where: str) -> None:
     if any(P.is_default_target(p, x) for p, x in flat):
         return
     kernels = [(p, x) for p, x in flat if p.rsplit("/", 1)[-1] == "kernel"]
-    found = ", ".join(f"{p!r} {getattr(x, 'dtype', _kind(x))} {tuple(getattr(x, 'shape', ()))}"
+    found = ", ".join(f"{p!r} is {getattr(x, 'dtype', _kind(x))} "
+                      f"{tuple(getattr(x, 'shape', ()))}"
                       for p, x in kernels[:4]) + (" ..." if len(kernels) > 4 else "")
-    why = (f"its kernels are not float arrays with two or more axes ({found})" if kernels
-           else f"it has no leaf named 'kernel' (paths look like {[p for p, _ in flat[:4]]})")
-    raise ValueError(f"{where}: no parameter to adapt: by default LoRA targets float kernels with "
-                     f"two or more axes, and {why}; pass targets= (regexes over these paths) to "
+    why = (f"none of the kernels in params is one ({found})" if kernels
+           else f"params has no leaf named 'kernel' (paths look like {[p for p, _ in flat[:4]]})")
+    raise ValueError(f"{where}: no parameter to adapt: by default LoRA adapts float kernels with "
+                     f"two or more axes, and {why}; pass targets= (regexes over the paths) to "
                      "choose parameters, or cast integer kernels to a float dtype first")
 
 

@@ -101,9 +101,10 @@ def test_init_alpha_of_numpy_type_is_accepted():
 
 def test_init_on_integer_kernels_says_why_nothing_is_selected():
     params = {"dense": {"kernel": jnp.asarray(np.arange(32).reshape(4, 8), jnp.int8)}}
-    with pytest.raises(ValueError, match=r"init: no parameter to adapt: by default LoRA targets "
-                                         r"float kernels with two or more axes.*'dense/kernel' "
-                                         r"int8 \(4, 8\).*cast integer kernels"):
+    with pytest.raises(ValueError, match=r"init: no parameter to adapt: by default LoRA adapts "
+                                         r"float kernels with two or more axes, and none of the "
+                                         r"kernels in params is one \('dense/kernel' is int8 "
+                                         r"\(4, 8\)\).*cast integer kernels"):
         lora_jax.init(params, r=2, key=KEY)
     with pytest.raises(TypeError, match=r"LoRA target 'dense/kernel' has dtype int8, expected "
                                         r"a float kernel"):
@@ -418,6 +419,14 @@ def test_init_on_a_lora_tree_instead_of_the_params():
         lora_jax.init(lora, r=2, key=KEY)
 
 
+def test_init_on_a_tree_without_kernels():
+    with pytest.raises(ValueError, match=r"init: no parameter to adapt: .* params has no leaf "
+                                         r"named 'kernel' \(paths look like \['w'\]\); pass "
+                                         r"targets="):
+        lora_jax.init({"w": jnp.ones((4, 4))}, r=2, key=KEY)
+    assert lora_jax.init({"w": jnp.ones((4, 4))}, r=2, key=KEY, targets="w")["w"].r == 2
+
+
 def test_init_on_a_model_object_instead_of_its_params():
     import flax.linen as nn
 
@@ -640,6 +649,18 @@ def test_device_put_with_a_mistyped_path_or_mesh_axis():
     with pytest.raises(ValueError, match=r"device_put: 'w/kernel': spec .* has 3 entries for an "
                                          r"array of rank 2"):
         S.device_put(params, mesh, {"w/kernel": P("data", None, None)})
+
+
+def test_layout_helpers_take_numpy_integers_and_check_patterns():
+    m = AbstractMesh((2,), ("model",))
+    params = _params()
+    tp = S.tensor_parallel(params, m, in_axes=np.int64(1), stack_axes=np.int32(0),
+                           column=".*fc1/kernel", row=".*fc2/kernel")
+    assert tp["params/fc1/kernel"] == P(None, "model") and tp["params/fc2/kernel"] == P("model")
+    with pytest.raises(ValueError, match=r"tensor_parallel: column '\(fc1' is not a valid regex"):
+        S.tensor_parallel(params, m, column="(fc1")
+    with pytest.raises(TypeError, match=r"fsdp: min_size must be an integer, got '1024'"):
+        S.fsdp(params, AbstractMesh((2,), ("data",)), min_size="1024")
 
 
 def test_device_put_places_what_fits():
