@@ -162,7 +162,7 @@ def init(
     ((8, 3), (3,), (3, 4), 1.0)
     """
     target_r = V.integer(target_r, "adalora.init: target_r", low=0)
-    init_r, alpha, dropout, in_axes, stack_axes = L._check_init_args(
+    init_r, alpha, dropout, in_axes, stack_axes = V.init_args(
         "adalora.init", params, init_r, key, alpha, targets, exclude, rules, dtype, dropout,
         in_axes, stack_axes, alpha_zero_means="init_r, as PEFT")
     if target_r > init_r:

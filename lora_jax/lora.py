@@ -336,7 +336,7 @@ def init(
     """
     if init not in INIT_SCHEMES:
         raise ValueError(f"unknown init scheme {init!r}; expected one of {INIT_SCHEMES}")
-    r, alpha, dropout, in_axes, stack_axes = _check_init_args(
+    r, alpha, dropout, in_axes, stack_axes = V.init_args(
         "init", params, r, key, alpha, targets, exclude, rules, dtype, dropout, in_axes,
         stack_axes)
     spec = resolve_targets(
@@ -348,26 +348,6 @@ def init(
         k = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
         out[path] = _init_leaf(k, s, init, rslora, dtype, dropout, path)
     return from_leaves(out)
-
-
-def _check_init_args(where, params, r, key, alpha, targets, exclude, rules, dtype, dropout,
-                     in_axes, stack_axes, *, alpha_zero_means=None):
-    """Validates the arguments shared by ``init`` and ``adalora.init``; numbers normalised."""
-    V.params_tree(params, where)
-    r = V.integer(r, f"{where}: r", low=0)
-    alpha = V.alpha(alpha, f"{where}: alpha", zero_means=alpha_zero_means)
-    V.prng_key(key, f"{where}: key")
-    V.patterns(targets, f"{where}: targets")
-    V.patterns(exclude, f"{where}: exclude")
-    if rules is not None and not all(isinstance(ru, P.Rule) for ru in rules):
-        raise TypeError(f"{where}: rules must be a list of lora_jax.Rule, got {rules!r:.120}")
-    V.float_dtype(dtype, f"{where}: dtype")
-    dropout = V.dropout(dropout, f"{where}: dropout")
-    in_axes = V.axes_arg(in_axes, f"{where}: in_axes", low=1)
-    stack_axes = V.axes_arg(stack_axes, f"{where}: stack_axes", low=0)
-    if targets is None and not rules:
-        V.no_default_target(params, where)
-    return r, alpha, dropout, in_axes, stack_axes
 
 
 def _init_leaf(key, s, scheme, rslora, dtype, dropout, path) -> LoraWeight:

@@ -232,6 +232,30 @@ def no_default_target(params: PyTree, where: str) -> None:
                      "choose parameters, or cast integer kernels to a float dtype first")
 
 
+def init_args(where, params, r, key, alpha_arg, targets, exclude, rules, dtype, dropout_arg,
+              in_axes, stack_axes, *, alpha_zero_means=None):
+    """The arguments shared by ``init`` and ``adalora.init``, checked; numbers normalised.
+
+    Returns:
+      ``(r, alpha, dropout, in_axes, stack_axes)`` as Python numbers.
+    """
+    params_tree(params, where)
+    r = integer(r, f"{where}: r", low=0)
+    alpha_arg = alpha(alpha_arg, f"{where}: alpha", zero_means=alpha_zero_means)
+    prng_key(key, f"{where}: key")
+    patterns(targets, f"{where}: targets")
+    patterns(exclude, f"{where}: exclude")
+    if rules is not None and not all(isinstance(ru, _paths().Rule) for ru in rules):
+        raise TypeError(f"{where}: rules must be a list of lora_jax.Rule, got {_show(rules)}")
+    float_dtype(dtype, f"{where}: dtype")
+    dropout_arg = dropout(dropout_arg, f"{where}: dropout")
+    in_axes = axes_arg(in_axes, f"{where}: in_axes", low=1)
+    stack_axes = axes_arg(stack_axes, f"{where}: stack_axes", low=0)
+    if targets is None and not rules:
+        no_default_target(params, where)
+    return r, alpha_arg, dropout_arg, in_axes, stack_axes
+
+
 # ----------------------------------------------------------------------------------------
 # Adapter leaves
 
