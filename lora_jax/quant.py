@@ -17,10 +17,13 @@ backend, ``compress_statistics`` for double quantization):
 Known limits of the match: PyTorch splits sums of 32,768 values or more across threads, so for
 tensors of 2M+ elements (block 64) the offset's last bit, and rarely an absmax code, depend on
 PyTorch's thread count; XLA flushes subnormal floats to zero, so blocks whose absmax is
-subnormal (below 1.2e-38) quantize to zero. bf16/f16/f64 inputs are cast to float32 first, as
-bitsandbytes does. "int4" (codes -7..7, stored as nibble code + 8, value ``code / 7 * absmax``)
-and "int8" (codes -127..127, one signed byte each, value ``code / 127 * absmax``) are this
-library's symmetric formats, scaled like the 4-bit codes and optionally double quantized too.
+subnormal (below 1.2e-38) quantize to zero, and blocks whose absmax is above 2**126 (whose
+reciprocal would be subnormal) are scaled by 2**-64 first, which keeps values up to float32's
+maximum finite and accurate where bitsandbytes rounds a subnormal reciprocal. bf16/f16/f64
+inputs are cast to float32 first, as bitsandbytes does. "int4" (codes -7..7, stored as nibble
+code + 8, value ``code / 7 * absmax``) and "int8" (codes -127..127, one signed byte each, value
+``code / 127 * absmax``) are this library's symmetric formats, scaled like the 4-bit codes and
+optionally double quantized too.
 
 Storage of the 4-bit codes: "packed" (default) is the bitsandbytes byte layout above, two codes
 per uint8; "native" keeps one code per element of a 4-bit XLA type (``jnp.uint4``, or
