@@ -54,6 +54,7 @@ from flax import struct
 from lora_jax import layouts as Lay
 from lora_jax import lora as L
 from lora_jax import paths as P
+from lora_jax import validation as V
 
 PyTree = Any
 
@@ -165,12 +166,12 @@ def init(
     >>> w.p.shape, w.e.shape, w.q.shape, round(w.scale, 4)
     ((8, 3), (3,), (3, 4), 1.0)
     """
-    if not isinstance(target_r, int) or not isinstance(init_r, int) or target_r < 0:
-        raise ValueError(f"init_r and target_r must be ints >= 0, got {init_r!r}, {target_r!r}")
+    target_r = V.integer(target_r, "adalora.init: target_r", low=0)
+    init_r, alpha, dropout, in_axes, stack_axes = V.init_args(
+        "adalora.init", params, init_r, key, alpha, targets, exclude, rules, dtype, dropout,
+        in_axes, stack_axes, alpha_zero_means="init_r, as PEFT")
     if target_r > init_r:
         raise ValueError(f"target_r={target_r} must not exceed init_r={init_r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     spec = L.resolve_targets(
         params, r=init_r, alpha=alpha, targets=targets, exclude=exclude, rules=rules,
         in_axes=in_axes, stack_axes=stack_axes, layouts=layouts,
@@ -287,8 +288,8 @@ class Allocator:
 
     def __post_init__(self):
         for name, low in (("total_steps", 1), ("tinit", 0), ("tfinal", 0), ("delta_t", 1)):
-            if not isinstance(v := getattr(self, name), int) or v < low:
-                raise ValueError(f"Allocator {name} must be an int >= {low}, got {v!r}")
+            object.__setattr__(self, name, V.integer(getattr(self, name), f"Allocator {name}",
+                                                     low=low))
         if self.tinit + self.tfinal >= self.total_steps:
             raise ValueError(
                 f"Allocator needs tinit + tfinal < total_steps for a budgeting phase, got "
@@ -437,6 +438,7 @@ def apply_mask(lora: PyTree, state: AllocatorState) -> PyTree:
     (2,)
     """
     paths, ws, tdef = _split(lora)
+    V.allocator_state(paths, ws, state, "adalora.apply_mask")
     masks = tdef.flatten_up_to(state.mask)
     return tdef.unflatten([w.replace(e=jnp.where(m, w.e, 0).astype(w.e.dtype))
                            for w, m in zip(ws, masks)])
@@ -466,6 +468,7 @@ def finalize(lora: PyTree, state: AllocatorState) -> tuple[dict, dict[str, int]]
     ((4, 2), {'kernel': 2})
     """
     paths, ws, tdef = _split(lora)
+    V.allocator_state(paths, ws, state, "adalora.finalize")
     masks = tdef.flatten_up_to(state.mask)
     out, ranks = {}, {}
     for path, w, m in zip(paths, ws, masks):

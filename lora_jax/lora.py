@@ -33,6 +33,7 @@ from flax import struct
 
 from lora_jax import layouts as Lay
 from lora_jax import paths as P
+from lora_jax import validation as V
 
 PyTree = Any
 
@@ -396,8 +397,9 @@ def init(
     """
     if init not in INIT_SCHEMES:
         raise ValueError(f"unknown init scheme {init!r}; expected one of {INIT_SCHEMES}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    r, alpha, dropout, in_axes, stack_axes = V.init_args(
+        "init", params, r, key, alpha, targets, exclude, rules, dtype, dropout, in_axes,
+        stack_axes)
     spec = resolve_targets(
         params, r=r, alpha=alpha, targets=targets, exclude=exclude, rules=rules,
         in_axes=in_axes, stack_axes=stack_axes, layouts=layouts,
@@ -442,16 +444,18 @@ def _init_leaf(key, s, scheme, rslora, dtype, dropout, path) -> LoraWeight:
 # merge / unmerge
 
 
-def check_fits(base: PyTree, lora: PyTree) -> dict[str, Any]:
+def check_fits(base: PyTree, lora: PyTree, *, where: str = "check_fits") -> dict[str, Any]:
     """Checks that ``lora`` fits ``base``; returns ``{path: base leaf}`` of the targets.
 
     Raises:
       ValueError: a LoRA path missing from the base, or a factor shape that does not fit
         the kernel.
     """
+    V.params_tree(base, where, "the base tree")
     base_flat = dict(P.flatten(base))
     out = {}
     for path, leaf in leaves(lora).items():
+        V.adapter_leaf(path, leaf, where)
         if path not in base_flat:
             # The base paths most like it, compared by path component (a module renamed or
             # dropped from the path is one component off), so that the culprit is shown.
@@ -474,7 +478,8 @@ def check_fits(base: PyTree, lora: PyTree) -> dict[str, Any]:
     return out
 
 
-def merge(base: PyTree, lora: PyTree, *, dtype=None, requantize: bool = False):
+def merge(base: PyTree, lora: PyTree, *, dtype=None, requantize: bool = False,
+          int_rounding: str | None = None):
     """``base`` with every targeted kernel replaced by ``kernel + scale * A @ B``.
 
     Quantized base leaves are dequantized (to ``dtype``, default their original dtype);
@@ -487,6 +492,9 @@ def merge(base: PyTree, lora: PyTree, *, dtype=None, requantize: bool = False):
       requantize: quantize each merged, quantized target again in its own format. Merging
         a small update into 4-bit weights loses much of it (the update is often below the
         quantization step): the added error is measured and returned, not hidden.
+      int_rounding: how a merged kernel goes back to an integer dtype (an int8 kernel, or
+        an integer ``dtype``): ``None`` (default) refuses, since a cast would silently truncate
+        the update; ``"nearest"`` rounds half to even and clips to the dtype's range.
 
     Returns:
       The merged tree; with ``requantize=True``, ``(quantized tree, errors)`` where
@@ -494,13 +502,19 @@ def merge(base: PyTree, lora: PyTree, *, dtype=None, requantize: bool = False):
       ``"update_rel_error"`` (how much of the LoRA update is lost: ``|(Q(W) - W0) - ΔW| /
       |ΔW|`` with ``W0`` the dequantized base).
 
+    Raises:
+      ValueError: ``lora`` does not fit ``base`` (a missing path, a shape), or a leaf whose
+        factors do not chain. TypeError: an integer kernel or ``dtype`` without
+        ``int_rounding``, a bool kernel, a base holding adapter leaves.
+
     >>> import jax, jax.numpy as jnp, lora_jax
     >>> p = {"kernel": jnp.ones((4, 3))}
     >>> lora = lora_jax.init(p, r=2, key=jax.random.key(0))
     >>> bool(jnp.allclose(lora_jax.merge(p, lora)["kernel"], 1.0))   # B = 0 at init
     True
     """
-    targets = check_fits(base, lora)
+    targets = check_fits(base, lora, where="merge")
+    V.merge_dtypes(targets, dtype, int_rounding, "merge")
     lmap = leaves(lora)
     errors: dict[str, dict[str, float]] = {}
 
@@ -519,29 +533,31 @@ def merge(base: PyTree, lora: PyTree, *, dtype=None, requantize: bool = False):
                     / max(nrm(delta), 1e-30),
                 }
                 return q
-            return merged.astype(dtype or wd.dtype)
+            return V.cast_merged(merged, dtype or wd.dtype, int_rounding)
         if P.is_base_leaf(w):
-            return w if requantize else P.dense(w, dtype)
+            return w if requantize else V.dense_as(w, dtype, int_rounding)
         return w
 
     out = P.map_with_path(f, base)
     return (out, errors) if requantize else out
 
 
-def unmerge(merged: PyTree, lora: PyTree) -> PyTree:
+def unmerge(merged: PyTree, lora: PyTree, *, int_rounding: str | None = None) -> PyTree:
     """Inverse of :func:`merge`: ``kernel - scale * A @ B`` at every targeted path.
 
     Also gives PiSSA's residual base: ``base = unmerge(params, init(params, init="pissa"))``.
+    ``int_rounding`` is as in :func:`merge` (integer kernels are refused without it).
     """
-    targets = check_fits(merged, lora)
+    targets = check_fits(merged, lora, where="unmerge")
+    V.merge_dtypes(targets, None, int_rounding, "unmerge")
     lmap = leaves(lora)
 
     def f(path, w):
         if path in targets:
             wd = P.dense(w)
-            return (wd.astype(jnp.promote_types(wd.dtype, jnp.float32)) - lmap[path].delta()).astype(
-                wd.dtype
-            )
+            return V.cast_merged(
+                wd.astype(jnp.promote_types(wd.dtype, jnp.float32)) - lmap[path].delta(),
+                wd.dtype, int_rounding)
         return w
 
     return P.map_with_path(f, merged)

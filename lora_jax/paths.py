@@ -223,12 +223,16 @@ class Rule:
     roles: str | None = None
 
     def __post_init__(self):
-        try:
-            re.compile(self.pattern)
-        except re.error as e:
-            raise ValueError(f"Rule pattern {self.pattern!r} is not a valid regex: {e}") from e
-        if self.r is not None and (not isinstance(self.r, int) or self.r < 0):
-            raise ValueError(f"Rule {self.pattern!r}: r must be a non-negative int, got {self.r!r}")
+        from lora_jax import validation as V  # here: validation reads paths
+
+        V.regex(self.pattern, "Rule pattern")
+        where = f"Rule {self.pattern!r}:"
+        # Numbers normalised (np.int64 -> int), so rules stay hashable static values.
+        for name, low in (("r", 0), ("in_axes", 1), ("stack_axes", 0)):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, V.integer(getattr(self, name), f"{where} {name}",
+                                                         low=low))
+        V.alpha(self.alpha, f"{where} alpha")
 
 
 def default_in_axes(path: str, shape: Sequence[int], stack_axes: int = 0) -> int:

@@ -58,6 +58,7 @@ from lora_jax import adalora as AL
 from lora_jax import layouts as Lay
 from lora_jax import lora as L
 from lora_jax import paths as P
+from lora_jax import validation as V
 
 PyTree = Any
 NameMap = Callable[[str], Any] | Mapping[str, Any] | str | None
@@ -589,11 +590,14 @@ def load(
         targeted module without tensors. NotImplementedError: ranks or alphas that differ
         across the layers of one stacked kernel, AdaLoRA fused modules with different factors.
     """
-    with open(os.path.join(directory, CONFIG_NAME)) as f:
-        cfg = json.load(f)
+    V.params_tree(params, "peft.load")
+    in_axes = V.axes_arg(in_axes, "peft.load: in_axes", low=1)
+    stack_axes = V.axes_arg(stack_axes, "peft.load: stack_axes", low=0)
+    cfg = _read_config(directory)
     kind = _check_config(cfg, f"load {os.fspath(directory)!r}")
+    _check_values(cfg, kind, f"load: {os.path.join(os.fspath(directory), CONFIG_NAME)}")
     ada = kind == "ADALORA"
-    mods = _split_keys(st.load_file(os.path.join(directory, WEIGHTS_NAME)), kind)
+    mods = _split_keys(_read_tensors(directory), kind)
     if not mods:
         raise ValueError(f"load: {WEIGHTS_NAME} in {os.fspath(directory)!r} has no adapter tensors")
     targets = _targets(params, name_map, in_axes, stack_axes)
@@ -637,8 +641,123 @@ def load(
         else:
             out[path] = _load_lora(t, per_index, mods, cfg, dtype, dropout)
     tree = L.from_leaves(out)
-    L.check_fits(params, tree)
+    L.check_fits(params, tree, where="peft.load")
     return tree
+
+
+def _read_config(directory) -> dict:
+    """``adapter_config.json`` of a PEFT folder as a dict; errors name the file."""
+    directory = os.fspath(directory)
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"load: no PEFT adapter directory at {directory}")
+    if not os.path.isfile(path):
+        hint = ""
+        if os.path.isdir(os.path.join(directory, "adapter")) or os.path.isdir(
+                os.path.join(directory, "state")):
+            hint = ("; it looks like a lora_jax checkpoint: read it with "
+                    "lora_jax.checkpoint.load_adapter")
+        raise FileNotFoundError(f"load: {directory} has no {CONFIG_NAME}, so it is not a PEFT "
+                                f"adapter folder{hint}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"load: {path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"load: {path} must hold a JSON object (PEFT's LoraConfig fields), got "
+                         f"a {type(cfg).__name__}")
+    return cfg
+
+
+def _read_tensors(directory) -> dict[str, np.ndarray]:
+    """``adapter_model.safetensors`` of a PEFT folder; errors name the file."""
+    path = os.path.join(os.fspath(directory), WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        bin_ = os.path.isfile(os.path.join(os.fspath(directory), "adapter_model.bin"))
+        raise FileNotFoundError(
+            f"load: {os.fspath(directory)} has no {WEIGHTS_NAME}"
+            + ("; it has adapter_model.bin, a pickle, which lora_jax does not read: convert it "
+               "to safetensors (PeftModel.save_pretrained(..., safe_serialization=True))"
+               if bin_ else ""))
+    try:
+        tensors = st.load_file(path)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
+        raise ValueError(f"load: {path} cannot be read as safetensors (truncated or damaged?): "
+                         f"{e}") from None
+    for key, x in tensors.items():
+        if not np.issubdtype(x.dtype, np.floating) and x.dtype.name != "bfloat16":
+            raise ValueError(f"load: tensor {key!r} in {path} has dtype {x.dtype}, expected "
+                             "floating-point LoRA factors")
+        if not np.isfinite(np.asarray(x, np.float32)).all():
+            raise ValueError(f"load: tensor {key!r} in {path} holds NaN or Inf values")
+    return tensors
+
+
+def _check_values(cfg: Mapping[str, Any], kind: str, where: str) -> None:
+    """Types and ranges of the config fields ``load`` reads, each error naming the field."""
+    def integer(key, low):
+        if cfg.get(key) is not None:
+            V.integer(cfg[key], f"{where}: {key}", low=low)
+
+    def num(key, value, what):
+        v = V.number(value, f"{where}: {what}")
+        if kind == "ADALORA" and v == 0:
+            return  # PEFT's AdaLoRA reads lora_alpha 0 as init_r
+        if v <= 0:
+            raise ValueError(f"{where}: {what} must be > 0, got {v}: PEFT scales the update by "
+                             "lora_alpha / r, so the adapter would be off or reversed")
+
+    if "r" in cfg:
+        V.integer(cfg["r"], f"{where}: r", low=1)
+    if "lora_alpha" in cfg:
+        if cfg["lora_alpha"] is None:
+            raise TypeError(f"{where}: lora_alpha must be a number, got null")
+        num("lora_alpha", cfg["lora_alpha"], "lora_alpha")
+    integer("init_r", 1)
+    integer("target_r", 0)
+    if cfg.get("lora_dropout") is not None:
+        V.dropout(cfg["lora_dropout"], f"{where}: lora_dropout")
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise TypeError(f"{where}: use_rslora must be true or false, got {cfg['use_rslora']!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pat = cfg.get(key)
+        if pat is None:
+            continue
+        if not isinstance(pat, dict):
+            raise TypeError(f"{where}: {key} must be a JSON object, got {pat!r:.80}")
+        for k, v in pat.items():
+            # PEFT matches keys as regexes: re.match(rf"(.*\.)?({key})$", module name)
+            V.regex(k, f"{where}: {key} key")
+            if kind == "ADALORA" and key == "rank_pattern":
+                if not isinstance(v, list) or not all(isinstance(b, bool) for b in v):
+                    raise TypeError(f"{where}: AdaLoRA rank_pattern[{k!r}] must be a list of "
+                                    f"true/false (the kept ranks), got {v!r:.80}")
+            elif key == "rank_pattern":
+                V.integer(v, f"{where}: rank_pattern[{k!r}]", low=1)
+            else:
+                num(key, v, f"alpha_pattern[{k!r}]")
+    tm = cfg.get("target_modules")
+    if isinstance(tm, str):
+        if tm.lower() != "all-linear":
+            V.regex(tm, f"{where}: target_modules")
+    elif tm is not None and not (isinstance(tm, list) and all(isinstance(t, str) for t in tm)):
+        raise TypeError(f"{where}: target_modules must be a regex string or a list of module "
+                        f"names, got {tm!r:.80}")
+    ex = cfg.get("exclude_modules")
+    if isinstance(ex, str):
+        V.regex(ex, f"{where}: exclude_modules")
+    elif ex is not None and not (isinstance(ex, list) and all(isinstance(t, str) for t in ex)):
+        raise TypeError(f"{where}: exclude_modules must be a regex string or a list of names, "
+                        f"got {ex!r:.80}")
+    layers = cfg.get("layers_to_transform")
+    if layers is not None:
+        for i, x in enumerate(layers if isinstance(layers, list) else [layers]):
+            V.integer(x, f"{where}: layers_to_transform" + (f"[{i}]" if isinstance(layers, list)
+                                                             else ""), low=0)
+    lp = cfg.get("layers_pattern")
+    for i, x in enumerate([lp] if isinstance(lp, str) else lp or []):
+        V.regex(x, f"{where}: layers_pattern")
 
 
 def _load_lora(t: _Target, per_index, mods, cfg, dtype, dropout) -> L.LoraWeight:

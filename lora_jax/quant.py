@@ -17,10 +17,13 @@ backend, ``compress_statistics`` for double quantization):
 Known limits of the match: PyTorch splits sums of 32,768 values or more across threads, so for
 tensors of 2M+ elements (block 64) the offset's last bit, and rarely an absmax code, depend on
 PyTorch's thread count; XLA flushes subnormal floats to zero, so blocks whose absmax is
-subnormal (below 1.2e-38) quantize to zero. bf16/f16/f64 inputs are cast to float32 first, as
-bitsandbytes does. "int4" (codes -7..7, stored as nibble code + 8, value ``code / 7 * absmax``)
-and "int8" (codes -127..127, one signed byte each, value ``code / 127 * absmax``) are this
-library's symmetric formats, scaled like the 4-bit codes and optionally double quantized too.
+subnormal (below 1.2e-38) quantize to zero, and blocks whose absmax is above 2**126 (whose
+reciprocal would be subnormal) are scaled by 2**-64 first, which keeps values up to float32's
+maximum finite and accurate where bitsandbytes rounds a subnormal reciprocal. bf16/f16/f64
+inputs are cast to float32 first, as bitsandbytes does. "int4" (codes -7..7, stored as nibble
+code + 8, value ``code / 7 * absmax``) and "int8" (codes -127..127, one signed byte each, value
+``code / 127 * absmax``) are this library's symmetric formats, scaled like the 4-bit codes and
+optionally double quantized too.
 
 Storage of the 4-bit codes: "packed" (default) is the bitsandbytes byte layout above, two codes
 per uint8; "native" keeps one code per element of a 4-bit XLA type (``jnp.uint4``, or
@@ -42,11 +45,16 @@ from flax import struct
 
 from lora_jax import layouts as _lay
 from lora_jax import paths as _paths
+from lora_jax import validation as V
 
 FORMATS = ("nf4", "fp4", "int4", "int8")
 STORAGES = ("packed", "native")
 _F32 = np.float32
 _DQ_BLOCK = 256  # bitsandbytes quantizes the absmax in blocks of 256
+# Above 2**126 a float32's reciprocal is subnormal, which XLA flushes to zero: such scales are
+# first multiplied by 2**-64 (exact), as are the values they divide.
+_BIG = _F32(2.0**126)
+_SHRINK = _F32(2.0**-64)
 
 # bitsandbytes functional.get_4bit_type; index = stored 4-bit code. FP4's entry 8 is +0.0:
 # bitsandbytes writes it as the Python int `-0`.
@@ -366,8 +374,8 @@ def _scale_blocks(flat: jax.Array, block_size: int) -> tuple[jax.Array, jax.Arra
     full = n // block_size
     blocks = flat[: full * block_size].reshape(full, block_size)
     absmax = jnp.max(jnp.abs(blocks), axis=1)
-    inv = jnp.where(absmax > 0, 1 / absmax, 0)
-    scaled = (blocks * inv[:, None]).reshape(-1)
+    inv, shrink = _reciprocal(absmax)
+    scaled = ((blocks * shrink[:, None]) * inv[:, None]).reshape(-1)
     if n % block_size:  # bnb: the partial block divides by its absmax, clamped to 1e-38
         tail = flat[full * block_size:]
         tail_max = jnp.max(jnp.abs(tail))
@@ -376,6 +384,13 @@ def _scale_blocks(flat: jax.Array, block_size: int) -> tuple[jax.Array, jax.Arra
         absmax = jnp.concatenate([absmax, tail_max[None]])
         scaled = jnp.concatenate([scaled, tail_scaled])
     return absmax, jnp.clip(scaled, -1, 1)
+
+
+def _reciprocal(absmax: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(1 / (absmax * shrink), shrink)``: shrink is 1 (bit-exact bnb) except for scales
+    above 2**126, up to float32's maximum, whose reciprocal XLA would flush to zero."""
+    shrink = jnp.where(absmax > _BIG, _SHRINK, _F32(1))
+    return jnp.where(absmax > 0, 1 / (absmax * shrink), 0), shrink
 
 
 def _dynamic_codes(scaled: jax.Array) -> jax.Array:
@@ -390,12 +405,18 @@ def _dynamic_codes(scaled: jax.Array) -> jax.Array:
 def _quantize_absmax(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Double quantization: 8-bit dynamic codes of absmax - mean, per 256 values."""
     offset = _torch_mean(absmax)
+    # A sum of scales near float32's maximum overflows: then the same sums of the scales times
+    # 2**-64 (exact while nothing overflows), times 2**64, clipped to the largest float32.
+    offset = jax.lax.cond(
+        jnp.isinf(offset),
+        lambda: jnp.minimum(_torch_mean(absmax * _SHRINK) / _SHRINK, np.finfo(_F32).max),
+        lambda: offset)
     nb = absmax.shape[0]
     groups = -(-nb // _DQ_BLOCK)
     v = jnp.pad(absmax - offset, (0, groups * _DQ_BLOCK - nb)).reshape(groups, _DQ_BLOCK)
     absmax2 = jnp.max(jnp.abs(v), axis=1)
-    inv = jnp.where(absmax2 > 0, 1 / absmax2, 0)
-    codes = _dynamic_codes(v * inv[:, None])
+    inv, shrink = _reciprocal(absmax2)
+    codes = _dynamic_codes((v * shrink[:, None]) * inv[:, None])
     codes = jnp.where(absmax2[:, None] > 0, codes, 0)  # the C++ kernel writes 0 for a zero block
     return codes.reshape(-1)[:nb].astype(jnp.uint8), absmax2, offset
 
@@ -461,7 +482,9 @@ def _block_absmax(absmax, absmax2, offset):
     # NaN (then the result is NaN anyway), is opaque to the compiler and keeps both roundings.
     mask = jnp.isnan(offset).astype(jnp.uint32)
     bits = jax.lax.bitcast_convert_type(scaled, jnp.uint32) ^ mask
-    return jax.lax.bitcast_convert_type(bits, jnp.float32) + offset
+    # Scales near float32's maximum can round past it: clip rather than give inf (and NaN).
+    return jnp.minimum(jax.lax.bitcast_convert_type(bits, jnp.float32) + offset,
+                       np.finfo(_F32).max)
 
 
 def _zero_from(anchor: jax.Array) -> jax.Array:
@@ -554,7 +577,11 @@ def quantize_array(
     """
     block_size = _check_config(format, block_size, path, storage)
     if not hasattr(x, "dtype"):
-        x = jnp.asarray(x)
+        try:
+            x = jnp.asarray(x)
+        except (TypeError, ValueError):
+            raise TypeError(f"{path}: cannot quantize a {type(x).__name__}; expected a "
+                            "floating-point array") from None
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{path}: cannot quantize an array of dtype {x.dtype}; "
                         "expected a floating-point array (bf16, f16, f32 or f64)")
@@ -570,7 +597,10 @@ def quantize_array(
     codes, absmax, absmax2, offset, bad = _quantize(
         xt, fmt=format, block_size=block_size, double_quant=double_quant, storage=storage)
     if not isinstance(bad, jax.core.Tracer) and int(bad):  # a traced input can't be checked
-        raise ValueError(f"{path}: cannot quantize an array with {int(bad)} NaN or Inf value(s)")
+        wide = " (or values beyond float32's range, which the formats compute in)" if \
+            jnp.dtype(x.dtype).itemsize > 4 else ""
+        raise ValueError(f"{path}: cannot quantize an array with {int(bad)} NaN or Inf "
+                         f"value(s){wide}")
     return QuantizedArray(codes, absmax, absmax2, offset, shape=tuple(int(d) for d in x.shape),
                           dtype_name=jnp.dtype(x.dtype).name, block_size=block_size,
                           format=format, double_quant=double_quant, storage=storage, order=order)
@@ -637,9 +667,10 @@ def quantize(
     block_size = _check_config(format, block_size, "quantize", storage)
     if blocks not in BLOCKS:
         raise ValueError(f"quantize: blocks must be one of {BLOCKS}, got {blocks!r}")
+    V.patterns(targets, "quantize: targets")
+    V.patterns(exclude, "quantize: exclude")
+    min_size = V.integer(min_size, "quantize: min_size", low=0)
     targets, exclude = _paths.as_patterns(targets), _paths.as_patterns(exclude)
-    for p in targets + exclude:
-        _paths.check_pattern(p, "quantize: pattern")
     dense = None if layouts is None else {p for p, w in layouts.items() if w.kind == "dense"}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
     used, out, seen, n_quantized = set(), [], [], 0

@@ -41,6 +41,7 @@ from lora_jax import layouts as Lay
 from lora_jax import lora as L
 from lora_jax import paths as P
 from lora_jax import quant as Q
+from lora_jax import validation as V
 
 PyTree = Any
 POLICIES = ("inherit", "replicate")
@@ -99,6 +100,56 @@ def named(mesh: Mesh, specs: PyTree) -> PyTree:
     P('data',)
     """
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
+
+
+def device_put(tree: PyTree, mesh: Mesh, specs: PyTree | Mapping[str, Any]) -> PyTree:
+    """``jax.device_put(tree, named(mesh, specs))``, after checking every spec against its array.
+
+    JAX's own error for a mesh axis that does not divide a dimension names no parameter; this
+    one names the path, the dimension and the mesh axes, before anything moves.
+
+    Args:
+      tree: a tree of arrays (base params, a LoRA tree, optimizer state...).
+      mesh: the mesh.
+      specs: ``PartitionSpec`` s shaped like ``tree`` (from :func:`specs`,
+        :func:`state_specs`, :func:`storage_specs`), or a flat ``{path: spec}`` dict (from
+        :func:`fsdp`, :func:`tensor_parallel`) for trees of dense arrays. Arrays without a
+        spec are replicated; a spec for a path the tree lacks is an error.
+
+    Returns:
+      The tree, placed.
+
+    Raises:
+      ValueError: a spec for a missing path, longer than its array's rank, naming an absent
+        mesh axis, or sharding a dim that its mesh axes do not divide.
+
+    >>> import jax.numpy as jnp
+    >>> m = mesh((1,), ("data",))
+    >>> device_put({"w": jnp.ones((4, 2))}, m, {"w": PartitionSpec("data")})["w"].sharding.spec
+    P('data',)
+    """
+    def is_spec(x):
+        return x is None or _is_spec(x) or isinstance(x, NamedSharding)
+
+    pairs, tdef = jax.tree_util.tree_flatten_with_path(tree)
+    table = {}
+    for kp, s in jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]:
+        if s is not None and not is_spec(s):
+            raise TypeError(f"device_put: specs[{P.path_str(kp)!r}] is a {type(s).__name__}, "
+                            "expected a PartitionSpec")
+        table[P.path_str(kp)] = s.spec if isinstance(s, NamedSharding) else s
+    paths = [P.path_str(kp) for kp, _ in pairs]
+    extra = sorted(set(table) - set(paths))
+    if extra:
+        raise ValueError(f"device_put: specs name {extra[:4]}, which the tree lacks (its arrays "
+                         f"are e.g. {paths[:4]}); for quantized weights pass "
+                         "storage_specs(base, base_specs, mesh)")
+    out = []
+    for path, (_, x) in zip(paths, pairs):
+        spec = table.get(path) or PartitionSpec()
+        _check_divides(mesh, spec, tuple(x.shape), f"device_put: {path!r}")
+        out.append(NamedSharding(mesh, spec))
+    return jax.device_put(tree, tdef.unflatten(out))
 
 
 # ----------------------------------------------------------------------------------------
@@ -345,6 +396,7 @@ def fsdp(
     """
     axes = (axis,) if isinstance(axis, str) else tuple(axis)
     _check_axes(mesh, axes)
+    min_size = V.integer(min_size, "fsdp: min_size", low=0)
     n = math.prod(mesh.shape[a] for a in axes)
     prior = _spec_map(specs) if specs is not None else {}
     out = {}
@@ -404,6 +456,10 @@ def tensor_parallel(
     {'o/kernel': P('model',), 'q/bias': P('model',), 'q/kernel': P(None, 'model')}
     """
     _check_axes(mesh, (axis,))
+    in_axes = V.axes_arg(in_axes, "tensor_parallel: in_axes", low=1)
+    stack_axes = V.integer(stack_axes, "tensor_parallel: stack_axes", low=0)
+    V.patterns(column, "tensor_parallel: column")
+    V.patterns(row, "tensor_parallel: row")
     n = mesh.shape[axis]
     cols, rows = P.as_patterns(column), P.as_patterns(row)
     flat = P.flatten(params)
@@ -487,7 +543,10 @@ def _check_divides(mesh: Mesh, spec: PartitionSpec, shape, where: str) -> None:
         if e is None:
             continue
         axes = (e,) if isinstance(e, str) else tuple(e)
-        _check_axes(mesh, axes)
+        missing = [a for a in axes if a not in mesh.shape]
+        if missing:
+            raise ValueError(f"{where}: mesh axes {missing} are not in the mesh "
+                             f"{dict(mesh.shape)} (spec {spec})")
         n = math.prod(mesh.shape[a] for a in axes)
         if shape[d] % n:
             raise ValueError(f"{where}: dim {d} of shape {tuple(shape)} is not divisible by "

@@ -37,6 +37,7 @@ from lora_jax import lora as L
 from lora_jax import nnx as NNX
 from lora_jax import paths as P
 from lora_jax import tracing
+from lora_jax import validation as V
 
 PyTree = Any
 
@@ -603,6 +604,9 @@ def apply(
     """
     if mode not in ("fast", "merged"):
         raise ValueError(f"mode must be 'fast' or 'merged', got {mode!r}")
+    if not callable(fn):
+        raise TypeError(f"apply: fn must be a function of the parameter tree (e.g. model.apply),"
+                        f" got a {type(fn).__name__}; call apply(fn)(base, lora, *args)")
 
     @functools.wraps(fn)
     def wrapped(base, lora, *args, lora_rng=None, **kwargs):
@@ -725,7 +729,8 @@ def report(fn: Callable, base, lora, *args, **kwargs) -> Report:
 
 def _run(fn, base, lora, args, kwargs, *, rng=None, strict=False, mode="fast",
          modules_to_save=None, bias="none", report=None, compute_dtype=None):
-    L.check_fits(base, lora)
+    V.base_leaves(base, "apply")
+    L.check_fits(base, lora, where="apply")
     lmap = L.leaves(lora)
     keep = trainable_base_paths(base, lora, modules_to_save=modules_to_save, bias=bias)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -343,6 +344,438 @@ def test_save_killed_at_any_moment_leaves_restorable_checkpoints(tmp_path):
 def test_adapter_overwrite_killed_before_commit_keeps_old_adapter(tmp_path):
     _kill_during_commit(tmp_path, "adapter")
     _assert_same(C.load_adapter(tmp_path / "adapter"), _lora(_params(), 1))
+    assert os.listdir(tmp_path) == ["adapter"]  # the half-written copy was removed by the load
+
+
+# ----------------------------------------------------------------------------------------
+# save_adapter(overwrite=True) killed at random points
+
+
+def _overwrite_worker(directory: str, start: int, die_at: int) -> None:
+    """Child: overwrites one adapter with k = start, start + 1, ... until it is killed.
+
+    With ``die_at > 0`` it SIGKILLs itself at its ``die_at``-th rename, unlink or rmdir (in
+    lora_jax or in Orbax), so that deaths land between the renames of a swap, inside Orbax's
+    commit, or half-way through deleting a folder.
+    """
+    import itertools
+    import shutil
+
+    params = _params(d=8)
+    path = os.path.join(directory, "adapter")
+    if die_at > 0:
+        count = [0]
+
+        def deadly(fn):
+            def wrapped(*a, **k):
+                count[0] += 1
+                if count[0] == die_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return fn(*a, **k)
+            return wrapped
+
+        for name in ("rename", "replace", "unlink", "remove", "rmdir"):
+            setattr(os, name, deadly(getattr(os, name)))
+        shutil.rmtree = deadly(shutil.rmtree)
+    for k in itertools.count(start):
+        print(f"SAVING {k}", flush=True)
+        C.save_adapter(path, _lora(params, k), meta={"k": k}, overwrite=True)
+        print(f"SAVED {k}", flush=True)
+
+
+def test_adapter_overwrite_killed_at_random_points_loads_last_or_in_flight(tmp_path):
+    rng = np.random.default_rng()
+    params = _params(d=8)
+    path = tmp_path / "adapter"
+    C.save_adapter(path, _lora(params, 0), meta={"k": 0})
+    last, start, seen = 0, 1, set()
+    for trial in range(12):
+        die_at = int(rng.integers(1, 60)) if trial % 2 else 0
+        proc = _spawn("overwrite", str(tmp_path), str(start), str(die_at))
+        watchdog = threading.Timer(120, proc.kill)
+        watchdog.start()
+        try:
+            lines = []
+            if not die_at:  # kill at a random moment once saving is under way
+                for line in proc.stdout:
+                    lines.append(line.split())
+                    if lines[-1][0] == "SAVED":
+                        time.sleep(rng.uniform(0.0, 0.5))
+                        os.kill(proc.pid, signal.SIGKILL)
+                        break
+            proc.wait(timeout=60)
+            lines += [line.split() for line in proc.stdout.read().splitlines()]
+            assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]
+        finally:
+            watchdog.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        saved = [int(k) for what, k in lines if what == "SAVED"]
+        saving = [int(k) for what, k in lines if what == "SAVING"]
+        last = saved[-1] if saved else last
+        in_flight = saving[-1] if saving and saving[-1] > last else None
+        seen |= {name.split(".")[1].split("-")[0] for name in os.listdir(tmp_path)
+                 if name != "adapter"}
+        k = C.adapter_info(path)["meta"]["k"]  # recovers from the kill first
+        assert k in (last, in_flight), (trial, die_at, k, last, in_flight, lines)
+        _assert_same(C.load_adapter(path), _lora(params, k))
+        assert os.listdir(tmp_path) == ["adapter"], os.listdir(tmp_path)  # nothing piles up
+        last, start = k, max(saving, default=start) + 1
+    assert seen, "no kill left anything to recover from"
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+
+
+def test_adapter_recovery_picks_the_newest_complete_copy(tmp_path):
+    """Folders as killed overwrites leave them: the newest complete one always wins."""
+    params = _params(d=8)
+    src = {k: tmp_path / "src" / str(k) for k in (1, 2, 3)}
+    for k, p in src.items():
+        C.save_adapter(p, _lora(params, k), meta={"k": k})
+    d = tmp_path / "run"
+    d.mkdir()
+    path = d / "adapter"
+    seq = lambda n, tag: f"adapter.incoming-{n:020d}-{tag}"  # noqa: E731
+
+    def check(expected, **leave):
+        k = C.adapter_info(path)["meta"]["k"]
+        assert k == expected
+        assert sorted(os.listdir(d)) == sorted(["adapter", *leave.get("others", [])])
+
+    # Killed after the new copy was complete, before the swap: the new copy wins.
+    _copy(src[1], path)
+    _copy(src[2], d / seq(5, "0000beef"))
+    check(2)
+    # Killed between the two renames of the swap: the old one is on its way out.
+    os.rename(path, d / "adapter.old-00000000000000000006-00000000")
+    _copy(src[3], d / seq(7, "00000000"))
+    check(3)
+    # Two complete copies from two killed saves: the later sequence wins, whatever the id
+    # (lora_jax 0.1.0 sorted random ids and returned the older adapter).
+    _copy(src[1], d / seq(8, "ffffffff"))
+    _copy(src[2], d / seq(9, "00000001"))
+    check(2)
+    # Orbax's unfinished temporary folders go; another adapter's files stay.
+    (d / "adapter.orbax-checkpoint-tmp-12").mkdir()
+    (d / f"{seq(10, 'abcdef12')}.orbax-checkpoint-tmp-13").mkdir()
+    (d / "adapter.v2.orbax-checkpoint-tmp-14").mkdir()
+    check(2, others=["adapter.v2.orbax-checkpoint-tmp-14"])
+    # A complete copy named by lora_jax 0.1.0 (random id only) is newer than the adapter.
+    _copy(src[3], d / "adapter.incoming-1234abcd")
+    check(3, others=["adapter.v2.orbax-checkpoint-tmp-14"])
+    # The next save cleans up too, and a save never sees its own leftovers as newer.
+    (d / "adapter.orbax-checkpoint-tmp-15").mkdir()
+    C.save_adapter(path, _lora(params, 1), meta={"k": 1}, overwrite=True)
+    assert sorted(os.listdir(d)) == ["adapter", "adapter.v2.orbax-checkpoint-tmp-14"]
+    check(1, others=["adapter.v2.orbax-checkpoint-tmp-14"])
+
+
+# ----------------------------------------------------------------------------------------
+# Metadata decodes only registered types
+
+
+SENTINEL_CMD = "touch {}"
+
+
+def _hostile_nodes(sentinel):
+    """Nodes that would run a command if a reader built the type a file names."""
+    cmd = SENTINEL_CMD.format(sentinel)
+    return [
+        {"t": "struct", "cls": "os:system", "f": [], "static": {"command": cmd}, "c": []},
+        {"t": "struct", "cls": "posix:system", "f": [], "static": {"command": cmd}, "c": []},
+        {"t": "struct", "cls": "subprocess:run", "f": [],
+         "static": {"args": {"tuple": ["touch", str(sentinel)]}}, "c": []},
+        {"t": "struct", "cls": "builtins:exec", "f": [],
+         "static": {"source": f"open({str(sentinel)!r}, 'w')"}, "c": []},
+        {"t": "namedtuple", "cls": "builtins:eval", "c": []},
+        {"t": "namedtuple", "cls": "lora_jax.checkpoint:os.system", "c": []},
+    ]
+
+
+def _edit_json(path, fn):
+    with open(path) as fh:
+        data = json.load(fh)
+    fn(data)
+    with open(path, "w") as fh:
+        json.dump(data, fh)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """An adapter folder and a Manager step with every item filled in, saved once."""
+    root = tmp_path_factory.mktemp("pristine")
+    params, lora, tx, opt, state = _train_state()
+    C.save_adapter(root / "adapter", lora)
+    with C.Manager(root / "steps", async_save=False) as ckpt:
+        ckpt.save(1, lora=lora, opt_state=opt, adalora=state, rng=jax.random.key(1))
+    return root
+
+
+def _hostile_dirs(pristine, tmp_path):
+    """Fresh copies of the pristine folders to edit."""
+    _copy(pristine / "adapter", tmp_path / "adapter")
+    _copy(pristine / "steps", tmp_path / "steps")
+    return tmp_path / "adapter", tmp_path / "steps"
+
+
+def _restore(steps):
+    with C.Manager(steps) as ckpt:
+        return ckpt.restore()
+
+
+def _read_all(adapter, steps):
+    """Every public way of reading the two folders: ``{name: None or the error}``."""
+    outcomes = {}
+    for name, fn in (("load_adapter", lambda: C.load_adapter(adapter)),
+                     ("adapter_info", lambda: C.adapter_info(adapter)),
+                     ("load_adapter(step)", lambda: C.load_adapter(steps / "1")),
+                     ("adapter_info(step)", lambda: C.adapter_info(steps / "1")),
+                     ("restore", lambda: _restore(steps))):
+        try:
+            fn()
+            outcomes[name] = None
+        except Exception as e:  # noqa: BLE001 - any error is fine, running code is not
+            outcomes[name] = e
+    return outcomes
+
+
+@pytest.mark.parametrize("where", ["adapter/class", "adapter/static", "state/adapter",
+                                   "state/opt_state", "state/adalora", "state/nested",
+                                   "state/rng"])
+def test_metadata_naming_other_types_runs_nothing(pristine, tmp_path, where):
+    sentinel = tmp_path / "SENTINEL"
+    for n, node in enumerate(_hostile_nodes(sentinel)):
+        adapter, steps = _hostile_dirs(pristine, tmp_path / str(n))
+        cls = node["cls"]
+
+        def plant_adapter(info):
+            leaf = info["leaves"][0]
+            if where.endswith("class") or where == "state/adapter":
+                leaf["class"] = cls
+                leaf["static"] = {**leaf["static"], **node.get("static", {})}
+            else:  # a registered class with a field that is not its own
+                leaf["static"]["command"] = SENTINEL_CMD.format(sentinel)
+
+        def plant_state(state):
+            items = state["items"]
+            if where == "state/adapter":
+                plant_adapter(state["adapter"])
+            elif where == "state/opt_state":
+                items["opt_state"]["tree"]["c"][0] = node
+            elif where == "state/adalora":
+                items["adalora"]["tree"]["cls"] = cls
+            elif where == "state/nested":  # deep inside Adam's moments
+                mu = items["opt_state"]["tree"]["c"][1]["c"][0]["c"][1]
+                mu["c"][0] = node
+            elif where == "state/rng":
+                items["rng"]["tree"] = {**node, "impl": "os.system"}
+
+        if where.startswith("adapter"):
+            _edit_json(adapter / "adapter" / "metadata", plant_adapter)
+            refused = ["load_adapter", "adapter_info"]
+        else:
+            _edit_json(steps / "1" / "state" / "metadata", plant_state)
+            refused = ["restore"] + (["load_adapter(step)", "adapter_info(step)"]
+                                     if where == "state/adapter" else [])
+        outcomes = _read_all(adapter, steps)
+        assert not sentinel.exists(), (where, node)
+        for name, e in outcomes.items():
+            if name not in refused:
+                assert e is None, (name, e)  # the other folder is intact
+                continue
+            assert isinstance(e, C.CheckpointError), (where, node, name, e)
+            assert str(adapter if where.startswith("adapter") else steps) in str(e), e
+            if where == "adapter/static":
+                assert "LoraWeight has no static field 'command'" in str(e), e
+            else:
+                assert f"names the type {cls!r}, which is not a registered" in str(e), e
+
+
+def test_orbax_metadata_files_run_nothing(pristine, tmp_path):
+    """Orbax's own JSON files, edited to name other code, are never executed either."""
+    sentinel = tmp_path / "SENTINEL"
+    adapter, steps = _hostile_dirs(pristine, tmp_path)
+    files = [p for d in (adapter, steps / "1") for p in d.rglob("*")
+             if p.is_file() and p.name in ("_CHECKPOINT_METADATA", "_METADATA")]
+    assert len(files) >= 5
+    for f in files:
+        text = f.read_text()
+        text = re.sub(r'"orbax\.checkpoint[\w.]*Handler"', '"os.system"', text)
+        text = text.replace('"jax.Array"', '"os:system"')
+        text = text.replace('"value_type"', '"category": "namedtuple", "module": "os", '
+                            '"clazz": "system", "value_type"')
+        f.write_text(text)
+    _read_all(adapter, steps)  # whatever Orbax makes of it, it runs nothing
+    assert not sentinel.exists()
+
+
+def test_metadata_fields_are_checked_before_use(pristine, tmp_path):
+    """Indexes, dtypes, shapes, key implementations and node kinds from the file."""
+    sentinel = tmp_path / "SENTINEL"
+    edits = {
+        "rng key impl": (lambda st: st["items"]["rng"]["tree"].update(impl="os.system"),
+                         r"rng': PRNG key implementation 'os.system'"),
+        "py type": (lambda st: st["items"]["rng"].update(tree={"t": "py", "type": "os.system",
+                                                                "i": 0}),
+                    r"Python scalar type 'os.system'"),
+        "index": (lambda st: st["items"]["adalora"]["tree"]["c"][3].update(i=999),
+                  r"adalora/budget': array index 999 is not one of the"),
+        "negative index": (lambda st: st["items"]["adalora"]["tree"]["c"][3].update(i=-1),
+                           r"array index -1 is not one of the"),
+        "dtype": (lambda st: st["items"]["rng"]["arrays"][0].update(dtype="object"),
+                  r"rng/arrays/0': array dtype 'object' is not a numeric dtype"),
+        "shape": (lambda st: st["items"]["rng"]["arrays"][0].update(shape=["2"]),
+                  r"array shape \['2'\] is not a list of sizes"),
+        "node kind": (lambda st: st["items"]["rng"].update(tree={"t": "pickle", "i": 0}),
+                      r"unknown node type 'pickle'"),
+        "item name": (lambda st: st["items"].update(evil={"tree": {"t": "none"}, "arrays": []}),
+                      r"'items': expected a subset of"),
+        "adapter dtype": (lambda st: st["adapter"]["leaves"][0]["arrays"]["p"].update(
+            dtype="O"), r"leaves/0/arrays/p': array dtype 'O' is not a numeric dtype"),
+        "alpha": (lambda st: st["adapter"]["leaves"][0]["static"].update(alpha="nan"),
+                  r"alpha must be a number, got 'nan'"),
+        "rank": (lambda st: st["adapter"]["leaves"][0]["arrays"]["q"].update(shape=[5, 32]),
+                 r"the factors do not chain: a \(32, 6\) has rank 6 .* b \(5, 32\) has "
+                 r"rank 5"),
+    }
+    for n, (name, (edit, match)) in enumerate(edits.items()):
+        _, steps = _hostile_dirs(pristine, tmp_path / str(n))
+        _edit_json(steps / "1" / "state" / "metadata", edit)
+        with pytest.raises(C.CheckpointError, match=match):
+            _restore(steps)
+        assert not sentinel.exists(), name
+    # An unknown kind of pytree node is rebuilt as {path: array}, never as its class.
+    _, steps = _hostile_dirs(pristine, tmp_path / "opaque")
+    _edit_json(steps / "1" / "state" / "metadata", lambda st: st["items"].update(
+        rng={"tree": {"t": "opaque", "cls": "os:system", "paths": ["x"], "i": [0]},
+             "arrays": st["items"]["rng"]["arrays"]}))
+    assert set(_restore(steps).rng) == {"x"}
+
+
+def test_registered_types_round_trip_and_unregistered_ones_are_refused_at_save(tmp_path):
+    from typing import NamedTuple
+
+    class Counter(NamedTuple):  # defined here: not importable, not registered
+        count: jax.Array
+        scale: jax.Array
+
+    params = _params(d=8)
+    lora = _lora(params)
+    opt = (Counter(jnp.asarray(3), jnp.asarray(0.5)), optax.sgd(0.1).init(lora))
+    with C.Manager(tmp_path, async_save=False) as ckpt:
+        with pytest.raises(TypeError, match=r"opt_state/0 is a .*Counter, a type checkpoints "
+                                            r"do not know: call lora_jax.checkpoint.register"):
+            ckpt.save(1, lora=lora, opt_state=opt)
+        assert ckpt.steps == []  # nothing was written
+        C.register(Counter)
+        assert ckpt.save(1, lora=lora, opt_state=opt)
+        back = ckpt.restore(1).opt_state
+        assert type(back[0]) is Counter and int(back[0].count) == 3
+    with pytest.raises(TypeError, match="expected a NamedTuple or dataclass type"):
+        C.register(dict)
+    with pytest.raises(ValueError, match="already stands for"):
+        C.register(Config, name=C._codec._cls_name(Counter))
+
+
+def test_a_new_static_field_needs_no_codec_change_and_old_files_still_load(tmp_path):
+    from flax import struct
+
+    @struct.dataclass
+    class LayoutLora(lora_jax.LoraWeight):  # a leaf kind with one more static field
+        layout: str = struct.field(pytree_node=False, default="io")
+
+    C.register(LayoutLora)
+    params = _params(d=8)
+    plain = lora_jax.lora.leaves(_lora(params))
+    lora = lora_jax.lora.from_leaves({p: LayoutLora(**{f.name: getattr(x, f.name) for f in
+                                                       dataclasses.fields(x)}, layout="oio")
+                                      for p, x in plain.items()})
+    C.save_adapter(tmp_path / "a", lora)
+    back = C.load_adapter(tmp_path / "a")
+    _assert_same(back, lora)
+    assert {x.layout for x in lora_jax.lora.leaves(back).values()} == {"oio"}
+
+    def drop_layout(info):  # as written before the field existed
+        for e in info["leaves"]:
+            del e["static"]["layout"]
+
+    _edit_json(tmp_path / "a" / "adapter" / "metadata", drop_layout)
+    old = lora_jax.lora.leaves(C.load_adapter(tmp_path / "a"))
+    assert {x.layout for x in old.values()} == {"io"}  # the default
+    _assert_same({p: x.a for p, x in old.items()}, {p: x.a for p, x in plain.items()})
+
+    # A plain LoraWeight checkpoint from before a field existed loads with the defaults.
+    C.save_adapter(tmp_path / "b", _lora(params))
+    _edit_json(tmp_path / "b" / "adapter" / "metadata",
+               lambda info: [e["static"].pop("dropout") for e in info["leaves"]])
+    assert {x.dropout for x in lora_jax.lora.leaves(C.load_adapter(tmp_path / "b")).values()} \
+        == {0.0}
+
+
+# ----------------------------------------------------------------------------------------
+# Manager.save never skips silently
+
+
+def test_manager_save_of_an_existing_or_older_step_raises_and_writes_nothing(tmp_path):
+    params = _params(d=8)
+    with C.Manager(tmp_path, async_save=True) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, lora=_lora(params, step))
+        with pytest.raises(C.StepExistsError, match=r"step 2 already exists in .* \(steps "
+                                                    r"\[1, 2\]\); nothing was written.*"
+                                                    r"on_existing='overwrite'"):
+            ckpt.save(2, lora=_lora(params, 7))
+        with pytest.raises(C.StepExistsError, match="step 0 is not above the latest step 2"):
+            ckpt.save(0, lora=_lora(params, 7))
+        ckpt.wait()
+        assert ckpt.steps == [1, 2]
+        _assert_same(ckpt.restore().lora, _lora(params, 2))
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_resume_after_restore_overwrites_the_abandoned_steps(tmp_path, async_save):
+    params = _params(d=8)
+    with C.Manager(tmp_path, async_save=async_save) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, lora=_lora(params, step), meta={"run": "first"})
+    # Without the policy, resuming from step 1 stops at the first save, saying what to do.
+    with C.Manager(tmp_path, async_save=async_save) as ckpt:
+        r = ckpt.restore(1)
+        with pytest.raises(C.StepExistsError, match="on_existing='overwrite'"):
+            ckpt.save(2, lora=r.lora)
+        assert ckpt.restore().meta == {"run": "first"}
+    # With it: restore(1), train on, save(2) and save(3); restore() gives the new step 3.
+    with C.Manager(tmp_path, async_save=async_save, on_existing="overwrite",
+                   max_to_keep=None) as ckpt:
+        r = ckpt.restore(1)
+        _assert_same(r.lora, _lora(params, 1))
+        for step in (2, 3):
+            lora = _lora(params, 10 + step)  # "training"
+            assert ckpt.save(step, lora=lora, meta={"run": "second"})
+        got = ckpt.restore()
+        assert got.step == 3 and got.meta == {"run": "second"}
+        _assert_same(got.lora, _lora(params, 13))
+        _assert_same(ckpt.restore(2).lora, _lora(params, 12))
+        _assert_same(ckpt.restore(1).lora, _lora(params, 1))
+        assert ckpt.steps == [1, 2, 3]
+        # Saving the latest step again replaces it.
+        ckpt.save(3, lora=_lora(params, 99))
+        _assert_same(ckpt.restore().lora, _lora(params, 99))
+    assert sorted(os.listdir(tmp_path)) == ["1", "2", "3", "_deleted"]
+
+
+def test_interval_skips_are_the_only_false_returns(tmp_path):
+    params = _params(d=8)
+    lora = _lora(params)
+    with C.Manager(tmp_path, async_save=False, save_interval_steps=2) as ckpt:
+        assert [ckpt.save(s, lora=lora) for s in (1, 2, 3, 4)] == [True, True, False, True]
+        assert ckpt.save(5, lora=lora, force=True)
+        assert ckpt.steps == [2, 4, 5]  # max_to_keep=3
 
 
 # ----------------------------------------------------------------------------------------
@@ -419,6 +852,8 @@ def test_restore_onto_other_meshes_and_one_device(tmp_path):
 if __name__ == "__main__" and len(sys.argv) > 1:
     if sys.argv[1] == "kill":
         _kill_worker(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "overwrite":
+        _overwrite_worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif sys.argv[1] == "loop":
         _loop_worker(sys.argv[2])
     elif sys.argv[1] == "reshard":

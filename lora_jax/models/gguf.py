@@ -238,7 +238,10 @@ class GGUFFile:
         if name not in self.tensors:
             raise KeyError(f"{self.path}: no tensor {name!r}")
         kind, shape, raw = self.tensors[name]
-        return dequantize(raw, kind, shape)
+        try:
+            return dequantize(raw, kind, shape)
+        except ValueError as e:
+            raise ValueError(f"{self.path}: tensor {name!r}: {e} (a truncated file?)") from None
 
 
 def read(path: str | os.PathLike) -> GGUFFile:
@@ -246,12 +249,24 @@ def read(path: str | os.PathLike) -> GGUFFile:
 
     Raises:
       ImportError: the ``gguf`` package is missing.
+      FileNotFoundError: no file at ``path``.
+      ValueError: not a GGUF file, or a truncated or damaged one (the message names it).
     """
     try:
         from gguf import GGUFReader
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(f"reading GGUF files needs the gguf package: {INSTALL_HINT}") from e
-    reader = GGUFReader(os.fspath(path))
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    size = os.path.getsize(path)
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError, EOFError) as e:
+        # gguf reports a short file as numpy's "When changing to a larger dtype..." or a
+        # failed reshape, naming neither the file nor the problem.
+        raise ValueError(f"{path} is not a readable GGUF file ({size} bytes; truncated or "
+                         f"damaged?): {type(e).__name__}: {e}") from None
     metadata = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
@@ -343,11 +358,20 @@ def load_llama(source: str | os.PathLike | GGUFFile, dtype: Any = jnp.float32,
       ValueError: shapes that disagree with the metadata.
     """
     g = source if isinstance(source, GGUFFile) else read(source)
-    cfg = llama_config(g.metadata, has_output="output.weight" in g.tensors, **config_overrides)
+    try:
+        cfg = llama_config(g.metadata, has_output="output.weight" in g.tensors, **config_overrides)
+    except KeyError as e:
+        raise ValueError(f"{g.path}: the metadata lacks {e.args[0]!r}, which a llama GGUF "
+                         "has") from None
+    except ValueError as e:
+        raise ValueError(f"{g.path}: {e}") from None
     t = g.tensor
     hd = cfg.head_dim
 
     def checked(name, shape):
+        if name not in g.tensors:
+            raise ValueError(f"{g.path}: no tensor {name!r}, which a llama GGUF of this "
+                             "metadata has")
         w = t(name)
         if w.shape != shape:
             raise ValueError(f"{g.path}: {name} has shape {w.shape}, expected {shape} from the "
