@@ -169,7 +169,7 @@ def init(
     target_r = V.integer(target_r, "adalora.init: target_r", low=0)
     init_r, alpha, dropout, in_axes, stack_axes = V.init_args(
         "adalora.init", params, init_r, key, alpha, targets, exclude, rules, dtype, dropout,
-        in_axes, stack_axes, alpha_zero_means="init_r, as PEFT")
+        in_axes, stack_axes, alpha_zero_means="init_r, as PEFT", layouts=layouts)
     if target_r > init_r:
         raise ValueError(f"target_r={target_r} must not exceed init_r={init_r}")
     spec = L.resolve_targets(

@@ -399,7 +399,7 @@ def init(
         raise ValueError(f"unknown init scheme {init!r}; expected one of {INIT_SCHEMES}")
     r, alpha, dropout, in_axes, stack_axes = V.init_args(
         "init", params, r, key, alpha, targets, exclude, rules, dtype, dropout, in_axes,
-        stack_axes)
+        stack_axes, layouts=layouts)
     spec = resolve_targets(
         params, r=r, alpha=alpha, targets=targets, exclude=exclude, rules=rules,
         in_axes=in_axes, stack_axes=stack_axes, layouts=layouts,

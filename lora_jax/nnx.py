@@ -34,8 +34,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import jax.extend as jex
-import numpy as np
+
 from flax import nnx
 
 from lora_jax import paths as P
@@ -107,7 +108,7 @@ def rng_count_paths(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None) 
         else:
             path = P.path_str(kp)
             dtype = getattr(x, "dtype", None)
-            is_int = dtype is not None and np.issubdtype(np.dtype(dtype), np.integer)
+            is_int = dtype is not None and jnp.issubdtype(dtype, jnp.integer)  # PRNG keys: False
             out.append(path if is_int and _COUNT_PATH.fullmatch(path) else None)
     return out
 

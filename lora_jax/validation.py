@@ -216,24 +216,28 @@ def base_leaves(base: PyTree, where: str) -> None:
 
 
 def no_default_target(params: PyTree, where: str) -> None:
-    """Explains why the default target selection (float kernels, >= 2 axes) found nothing."""
+    """Explains why the default target selection by name (float weights named ``kernel``,
+    ``w`` or ``weight`` with >= 2 axes) found nothing."""
     P = _paths()
     flat = P.flatten(params)
     if any(P.is_default_target(p, x) for p, x in flat):
         return
-    kernels = [(p, x) for p, x in flat if p.rsplit("/", 1)[-1] == "kernel"]
+    names = "/".join(P.KERNEL_NAMES)
+    kernels = [(p, x) for p, x in flat if p.rsplit("/", 1)[-1] in P.KERNEL_NAMES]
     found = ", ".join(f"{p!r} is {getattr(x, 'dtype', _kind(x))} "
                       f"{tuple(getattr(x, 'shape', ()))}"
                       for p, x in kernels[:4]) + (" ..." if len(kernels) > 4 else "")
     why = (f"none of the kernels in params is one ({found})" if kernels
-           else f"params has no leaf named 'kernel' (paths look like {[p for p, _ in flat[:4]]})")
-    raise ValueError(f"{where}: no parameter to adapt: by default LoRA adapts float kernels with "
-                     f"two or more axes, and {why}; pass targets= (regexes over the paths) to "
-                     "choose parameters, or cast integer kernels to a float dtype first")
+           else f"params has no leaf named {names} (paths look like {[p for p, _ in flat[:4]]})")
+    raise ValueError(f"{where}: no parameter to adapt: by default LoRA adapts float weights named "
+                     f"{names} with two or more axes, and {why}; pass "
+                     "layouts=lora_jax.trace(fn, params, *args) to find the weights the model "
+                     "multiplies by, targets= (regexes over the paths) to choose parameters, or "
+                     "cast integer kernels to a float dtype first")
 
 
 def init_args(where, params, r, key, alpha_arg, targets, exclude, rules, dtype, dropout_arg,
-              in_axes, stack_axes, *, alpha_zero_means=None):
+              in_axes, stack_axes, *, alpha_zero_means=None, layouts=None):
     """The arguments shared by ``init`` and ``adalora.init``, checked; numbers normalised.
 
     Returns:
@@ -251,7 +255,7 @@ def init_args(where, params, r, key, alpha_arg, targets, exclude, rules, dtype, 
     dropout_arg = dropout(dropout_arg, f"{where}: dropout")
     in_axes = axes_arg(in_axes, f"{where}: in_axes", low=1)
     stack_axes = axes_arg(stack_axes, f"{where}: stack_axes", low=0)
-    if targets is None and not rules:
+    if targets is None and not rules and layouts is None:
         no_default_target(params, where)
     return r, alpha_arg, dropout_arg, in_axes, stack_axes
 

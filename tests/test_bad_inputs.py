@@ -78,8 +78,9 @@ def test_init_rank_refuses_bool_float_and_str(r, match):
 
 
 def test_init_rank_above_min_in_out_names_the_path():
-    with pytest.raises(ValueError, match=r"LoRA target 'params/fc1/kernel': rank r=9 must be "
-                                         r"between 1 and min\(in, out\) = min\(8, 16\) = 8"):
+    with pytest.raises(ValueError, match=r"LoRA target 'params/fc1/kernel' \(shape \(8, 16\), "
+                                         r"roles 'io'\): rank r=9 must be an integer between 1 "
+                                         r"and min\(in, out\) = min\(8, 16\) = 8"):
         lora_jax.init(_params(), r=np.int64(9), key=KEY)
 
 
@@ -102,7 +103,8 @@ def test_init_alpha_of_numpy_type_is_accepted():
 def test_init_on_integer_kernels_says_why_nothing_is_selected():
     params = {"dense": {"kernel": jnp.asarray(np.arange(32).reshape(4, 8), jnp.int8)}}
     with pytest.raises(ValueError, match=r"init: no parameter to adapt: by default LoRA adapts "
-                                         r"float kernels with two or more axes, and none of the "
+                                         r"float weights named kernel/w/weight with two or more "
+                                         r"axes, and none of the "
                                          r"kernels in params is one \('dense/kernel' is int8 "
                                          r"\(4, 8\)\).*cast integer kernels"):
         lora_jax.init(params, r=2, key=KEY)
@@ -421,10 +423,10 @@ def test_init_on_a_lora_tree_instead_of_the_params():
 
 def test_init_on_a_tree_without_kernels():
     with pytest.raises(ValueError, match=r"init: no parameter to adapt: .* params has no leaf "
-                                         r"named 'kernel' \(paths look like \['w'\]\); pass "
-                                         r"targets="):
-        lora_jax.init({"w": jnp.ones((4, 4))}, r=2, key=KEY)
-    assert lora_jax.init({"w": jnp.ones((4, 4))}, r=2, key=KEY, targets="w")["w"].r == 2
+                                         r"named kernel/w/weight \(paths look like \['v'\]\); "
+                                         r"pass layouts=.* targets="):
+        lora_jax.init({"v": jnp.ones((4, 4))}, r=2, key=KEY)
+    assert lora_jax.init({"v": jnp.ones((4, 4))}, r=2, key=KEY, targets="v")["v"].r == 2
 
 
 def test_init_on_a_model_object_instead_of_its_params():

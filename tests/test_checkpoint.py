@@ -687,26 +687,26 @@ def test_a_new_static_field_needs_no_codec_change_and_old_files_still_load(tmp_p
 
     @struct.dataclass
     class LayoutLora(lora_jax.LoraWeight):  # a leaf kind with one more static field
-        layout: str = struct.field(pytree_node=False, default="io")
+        tag: str = struct.field(pytree_node=False, default="io")
 
     C.register(LayoutLora)
     params = _params(d=8)
     plain = lora_jax.lora.leaves(_lora(params))
     lora = lora_jax.lora.from_leaves({p: LayoutLora(**{f.name: getattr(x, f.name) for f in
-                                                       dataclasses.fields(x)}, layout="oio")
+                                                       dataclasses.fields(x)}, tag="oio")
                                       for p, x in plain.items()})
     C.save_adapter(tmp_path / "a", lora)
     back = C.load_adapter(tmp_path / "a")
     _assert_same(back, lora)
-    assert {x.layout for x in lora_jax.lora.leaves(back).values()} == {"oio"}
+    assert {x.tag for x in lora_jax.lora.leaves(back).values()} == {"oio"}
 
-    def drop_layout(info):  # as written before the field existed
+    def drop_tag(info):  # as written before the field existed
         for e in info["leaves"]:
-            del e["static"]["layout"]
+            del e["static"]["tag"]
 
-    _edit_json(tmp_path / "a" / "adapter" / "metadata", drop_layout)
+    _edit_json(tmp_path / "a" / "adapter" / "metadata", drop_tag)
     old = lora_jax.lora.leaves(C.load_adapter(tmp_path / "a"))
-    assert {x.layout for x in old.values()} == {"io"}  # the default
+    assert {x.tag for x in old.values()} == {"io"}  # the default
     _assert_same({p: x.a for p, x in old.items()}, {p: x.a for p, x in plain.items()})
 
     # A plain LoraWeight checkpoint from before a field existed loads with the defaults.

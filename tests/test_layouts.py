@@ -127,7 +127,7 @@ def test_names_rule_covers_w_and_weight():
     params = {"a": {"w": jnp.ones((4, 3))}, "b": {"weight": jnp.ones((3, 2))},
               "c": {"scale": jnp.ones((3, 2))}}
     assert set(lora_jax.lora.leaves(lora_jax.init(params, r=1, key=K(0)))) == {"a/w", "b/weight"}
-    with pytest.raises(ValueError, match="no parameter selected.*named kernel/w/weight"):
+    with pytest.raises(ValueError, match="no parameter to adapt.*named kernel/w/weight"):
         lora_jax.init({"c": {"scale": jnp.ones((3, 2))}}, r=1, key=K(0))
     with pytest.raises(ValueError, match="quantize selected nothing.*'c/scale'"):
         lora_jax.quantize({"c": {"scale": jnp.ones((64, 2))}})
