@@ -109,13 +109,53 @@ def _gpt_name_map() -> dict[str, str]:
     return m
 
 
+def _llama_name_map() -> dict[str, str]:
+    # Hugging Face LlamaForCausalLM's module names, as lora_jax.models.llama.hf_names spells
+    # its tensor names (a test checks the two agree on every parameter).
+    return {r"params/embed_tokens/embedding": "model.embed_tokens",
+            r"params/norm/scale": "model.norm",
+            r"params/lm_head/kernel": "lm_head",
+            r"params/layers_(\d+)/(self_attn|mlp)/(\w+)/kernel": r"model.layers.\1.\2.\3",
+            r"params/layers_(\d+)/(input_layernorm|post_attention_layernorm)/scale":
+                r"model.layers.\1.\2"}
+
+
 #: Built-in name maps by name (pass the name as ``name_map``); add entries for other models.
-#: ``"gpt"`` (:class:`lora_jax.models.gpt.GPT`): ``embed`` -> ``transformer.wte``, ``pos`` ->
-#: ``transformer.wpe.weight``, ``block_{i}/{ln1,q,k,v,o,ln2,up,down}`` (or the scanned
-#: ``layers/block/...``) -> ``transformer.h.{i}.{ln_1, attn.q_proj, attn.k_proj, attn.v_proj,
-#: attn.out_proj, ln_2, mlp.fc_in, mlp.fc_out}``, ``ln_f`` -> ``transformer.ln_f``, ``head`` ->
-#: ``lm_head``.
-NAME_MAPS: dict[str, NameMap] = {"default": default_name_map, "gpt": _gpt_name_map()}
+#:
+#: * ``"llama"`` (:class:`lora_jax.models.llama.Llama`): Hugging Face ``LlamaForCausalLM``
+#:   names, ``layers_{i}/self_attn/q_proj`` -> ``model.layers.{i}.self_attn.q_proj``, and so
+#:   on for every projection, norm, ``embed_tokens`` and ``lm_head``: PEFT adapters of Llama
+#:   models (SmolLM2, Llama 2/3, ...) load and save with no hand-written map.
+#: * ``"gpt"`` (:class:`lora_jax.models.gpt.GPT`): ``embed`` -> ``transformer.wte``, ``pos``
+#:   -> ``transformer.wpe.weight``, ``block_{i}/{ln1,q,k,v,o,ln2,up,down}`` (or the scanned
+#:   ``layers/block/...``) -> ``transformer.h.{i}.{ln_1, attn.q_proj, attn.k_proj,
+#:   attn.v_proj, attn.out_proj, ln_2, mlp.fc_in, mlp.fc_out}``, ``ln_f`` ->
+#:   ``transformer.ln_f``, ``head`` -> ``lm_head`` (GPT-J's names; GPT-J itself computes
+#:   differently, so no transformers class loads the merged weights as the same model).
+NAME_MAPS: dict[str, NameMap] = {"default": default_name_map, "gpt": _gpt_name_map(),
+                                 "llama": _llama_name_map()}
+
+
+def _few(names: Sequence[str], n: int = 5) -> str:
+    """A handful of names and the count, for error messages about many modules."""
+    names = sorted(names)
+    head = ", ".join(repr(x) for x in names[:n])
+    return f"[{head}{', ...' if len(names) > n else ''}] ({len(names)} in all)" if len(
+        names) > n else f"[{head}]"
+
+
+def _suggest_map(modules: Sequence[str], params: PyTree, current: NameMap) -> str:
+    """A built-in name map under which ``params`` has all of ``modules``, as a hint."""
+    for name, m in NAME_MAPS.items():
+        if m is current or name == current:
+            continue
+        try:
+            known = {mod for t in _targets(params, name).values() for _, mod, _ in t.modules}
+        except (ValueError, TypeError, NotImplementedError):
+            continue
+        if set(modules) <= known:
+            return f"; these are the names of name_map={name!r}: pass it"
+    return ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -605,22 +645,23 @@ def load(
     if len(where) != sum(len(t.modules) for t in targets.values()):
         dup = collections.Counter(m[1] for t in targets.values() for m in t.modules)
         raise ValueError(f"load: several parameters map to the modules "
-                         f"{sorted(n for n, c in dup.items() if c > 1)}")
+                         f"{_few([n for n, c in dup.items() if c > 1])}")
     unknown = sorted(set(mods) - set(where))
     if unknown:
-        known = sorted(where)
-        raise ValueError(f"load: the adapter has module(s) {unknown} that the Flax parameters do "
-                         f"not have under this name_map; known modules: {known[:40]}"
-                         + (f" ... ({len(known)} in all)" if len(known) > 40 else ""))
+        raise ValueError(f"load: the adapter has {len(unknown)} module(s) that the Flax "
+                         f"parameters do not have under this name_map, e.g. {_few(unknown)}; "
+                         f"the parameters' modules are e.g. {_few(list(where))}"
+                         + _suggest_map(unknown, params, name_map))
     untargeted = sorted(n for n in mods if not _is_targeted(cfg, n))
     if untargeted:
-        raise ValueError(f"load: tensors for {untargeted}, which the config's target_modules "
-                         f"{cfg.get('target_modules')!r} do not select (PEFT would ignore them)")
+        raise ValueError(f"load: tensors for {_few(untargeted)}, which the config's "
+                         f"target_modules {cfg.get('target_modules')!r} do not select (PEFT "
+                         "would ignore them)")
     if cfg.get("target_modules") != "all-linear":  # PEFT resolves that one against the torch model
         lacking = sorted(n for n in where if n not in mods and _is_targeted(cfg, n))
         if lacking:
-            raise ValueError(f"load: target_modules selects {lacking} but the adapter has no "
-                             "tensors for them")
+            raise ValueError(f"load: target_modules selects {_few(lacking)} but the adapter has "
+                             "no tensors for them")
     if ada:
         if cfg.get("alpha_pattern") or cfg.get("use_rslora"):
             warnings.warn("load: PEFT's AdaLoRA ignores alpha_pattern and use_rslora; so does "
@@ -891,8 +932,13 @@ def save_merged(
     dtype=None,
     in_axes: int | Mapping[str, int] | None = None,
     strict: bool = True,
+    config: Any = None,
 ) -> dict[str, np.ndarray]:
     """Writes ``merge(params, lora)`` as a PyTorch-layout safetensors checkpoint.
+
+    With ``config``, ``path`` is a folder that ``transformers``' ``from_pretrained`` loads:
+    ``model.safetensors`` and ``config.json`` (for :class:`lora_jax.models.llama.Llama`, pass
+    its ``LlamaConfig`` with ``name_map="llama"``; or a Hugging Face config dict).
 
     Kernels become ``<module>.weight`` ``(out, in)`` (multi-axis kernels flattened row-major;
     conv kernels ``(cout, cin, *spatial)``), biases ``<module>.bias``, norm scales and
@@ -908,10 +954,18 @@ def save_merged(
       dtype: dtype of the written tensors; default: each parameter's own.
       in_axes: input axes of kernels without an adapter (adapted ones use the adapter's).
       strict: raise for a parameter the map does not name (else skip it).
+      config: a Hugging Face config dict, or an object with ``to_hf()`` (``LlamaConfig``):
+        write a model folder instead of one file.
 
     Returns:
       ``{tensor name: array}`` as written.
     """
+    hf_config = None
+    if config is not None:
+        hf_config = config.to_hf() if hasattr(config, "to_hf") else dict(config)
+        if not isinstance(hf_config, dict):
+            raise TypeError(f"save_merged: config must be a dict or have to_hf(), got "
+                            f"{type(config).__name__}")
     merged = L.merge(params, lora) if lora is not None else P.map_with_path(
         lambda _, x: P.dense(x), params)
     lmap = L.leaves(lora) if lora is not None else {}
@@ -952,7 +1006,16 @@ def save_merged(
                     name = f"{name}.{_LEAF_TO_TORCH[leaf_name]}"
                 v = w.reshape(-1) if leaf_name == "bias" else w
                 _put(out, name, v if sl is None else v[sl])
-    st.save_file(out, os.fspath(path), metadata={"format": "pt"})
+    if hf_config is None:
+        st.save_file(out, os.fspath(path), metadata={"format": "pt"})
+        return out
+    folder = os.fspath(path)
+    os.makedirs(folder, exist_ok=True)
+    if dtype is not None:
+        hf_config["torch_dtype"] = jnp.dtype(dtype).name
+    st.save_file(out, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2, sort_keys=True)
     return out
 
 

@@ -423,3 +423,17 @@ def test_smollm2_matches_transformers(smollm2):
     got = np.asarray(jax.jit(L.Llama(cfg).apply)(v, jnp.asarray(ids)[None])[0])
     assert rel_err(got, ref) < 1e-3
     np.testing.assert_array_equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_smollm2_peft_adapter_on_all_projections_with_builtin_map(smollm2, tmp_path):
+    # The workflow: all 7 projections of SmolLM2, saved and loaded with PEFT names and
+    # no hand-written map.
+    import lora_jax
+    from lora_jax import peft
+
+    _, cfg, v, _ = smollm2
+    lora = lora_jax.init(v, r=2, key=jax.random.key(0), targets=r".*_proj/kernel")
+    cfg_json = peft.save(tmp_path, lora, name_map="llama")
+    assert len(cfg_json["target_modules"]) == 7 * cfg.layers
+    back = peft.load(tmp_path, v, name_map="llama")
+    assert set(lora_jax.lora.leaves(back)) == set(lora_jax.lora.leaves(lora))

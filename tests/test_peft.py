@@ -8,6 +8,7 @@ compare against those files and against float64 numpy versions of PEFT's formula
 import functools
 import json
 import math
+import os
 import pathlib
 import shutil
 
@@ -436,7 +437,7 @@ def _rename(t, old, new):
     (lambda c: c.update(bias="all"), None, "bias='all'"),
     (lambda c: c.update(modules_to_save=["out"]), None, "modules_to_save"),
     (lambda c: c.update(target_modules=["fc1", "fc3"]), lambda t: _rename(t, "fc2", "fc3"),
-     r"module\(s\) \['fc3'\].*known modules: \['fc1', 'fc2', 'out'\]"),
+     r"module\(s\).*\['fc3'\].*modules are e.g. \['fc1', 'fc2', 'out'\]"),
     (None, lambda t: t.update({"base_model.model.fc1.lora_B.weight": np.zeros((63, 4),
                                                                            np.float32)}),
      r"'base_model.model.fc1.lora_B.weight' has shape \(63, 4\), expected \(64, 4\)"),
@@ -493,3 +494,71 @@ def test_unsupported_layers_are_named(tmp_path):
     fc = {"params": {"fc": lora["params"]["fc"]}}
     peft.save(tmp_path, fc)
     _assert_same_tree(peft.load(tmp_path, p), fc)
+
+
+# --- Built-in name maps for the bundled models --------------------------------------------------
+
+def _tiny_llama(tied=False):
+    from lora_jax.models.llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig(vocab=40, d=16, layers=2, heads=4, kv_heads=2, ffn=24, max_len=16,
+                      tied=tied)
+    tokens = jax.random.randint(jax.random.key(3), (2, 6), 0, cfg.vocab)
+    model = Llama(cfg)
+    return cfg, model, model.init(jax.random.key(4), tokens), tokens
+
+
+def test_llama_name_map_agrees_with_hf_names():
+    from lora_jax.models.llama import hf_names
+
+    for tied in (False, True):
+        cfg, _, params, _ = _tiny_llama(tied)
+        names = {"/".join(("params",) + where): hf.rsplit(".", 1)[0]
+                 for hf, where in hf_names(cfg).items()}
+        got = {p: m[0] for p, m in peft.module_names(params, name_map="llama").items()}
+        assert got and all(names[p] == m for p, m in got.items())
+        kernels = {p for p in names if p.endswith(("/kernel", "/embedding"))}
+        assert set(got) == kernels
+
+
+def test_llama_peft_round_trip_with_the_builtin_map(tmp_path):
+    cfg, model, params, tokens = _tiny_llama()
+    targets = r".*(q|k|v|o|gate|up|down)_proj/kernel"
+    lora = _randomize(lora_jax.init(params, r=4, alpha=8, targets=targets, key=jax.random.key(0)))
+    saved = peft.save(tmp_path / "a", lora, name_map="llama")
+    assert {m.rsplit(".", 1)[-1] for m in saved["target_modules"]} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert "model.layers.1.mlp.gate_proj" in saved["target_modules"]
+    keys = set(load_file(tmp_path / "a" / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight" in keys
+    back = peft.load(tmp_path / "a", params, name_map="llama")
+    out = lora_jax.apply(model.apply)(params, back, tokens)
+    np.testing.assert_allclose(out, model.apply(lora_jax.merge(params, lora), tokens), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_unknown_modules_error_is_short_and_suggests_the_map(tmp_path):
+    cfg, model, params, tokens = _tiny_llama()
+    lora = lora_jax.init(params, r=2, key=jax.random.key(0), targets=r".*_proj/kernel")
+    peft.save(tmp_path / "a", lora, name_map="llama")
+    with pytest.raises(ValueError) as e:
+        peft.load(tmp_path / "a", params)  # the default map: 'layers_0.self_attn.q_proj', ...
+    msg = str(e.value)
+    assert "14 module(s)" in msg and "(14 in all)" in msg and len(msg) < 700, msg
+    assert "name_map='llama'" in msg
+
+
+def test_save_merged_llama_folder_has_config(tmp_path):
+    from lora_jax.models.llama import config_from_hf
+
+    cfg, model, params, tokens = _tiny_llama()
+    lora = _randomize(lora_jax.init(params, r=2, key=jax.random.key(0), targets=r".*q_proj/kernel"))
+    out = peft.save_merged(tmp_path / "m", params, lora, name_map="llama", config=cfg)
+    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors"]
+    back_cfg = config_from_hf(tmp_path / "m")
+    assert back_cfg == cfg
+    merged = lora_jax.merge(params, lora)
+    q = merged["params"]["layers_1"]["self_attn"]["q_proj"]["kernel"]
+    np.testing.assert_array_equal(out["model.layers.1.self_attn.q_proj.weight"], np.asarray(q).T)
+    assert "lm_head.weight" in out and len(out) == 2 + 9 * cfg.layers + 1

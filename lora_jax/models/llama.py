@@ -79,6 +79,10 @@ class LlamaConfig:
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig: head_dim={self.head_dim} must be even for RoPE")
 
+    def to_hf(self) -> dict:
+        """This config as Hugging Face's ``config.json`` (see :func:`config_to_hf`)."""
+        return config_to_hf(self)
+
 
 class KVCache(NamedTuple):
     """Keys and values of every layer for ``length`` positions, padded to a fixed size.
@@ -320,6 +324,21 @@ def config_from_hf(config: dict | str | os.PathLike, **overrides) -> LlamaConfig
     )
     fields.update(overrides)
     return LlamaConfig(**fields)
+
+
+def config_to_hf(cfg: LlamaConfig) -> dict:
+    """The Hugging Face ``config.json`` of a :class:`LlamaConfig` (inverse of
+    :func:`config_from_hf`), for ``LlamaForCausalLM``."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab, "hidden_size": cfg.d, "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_heads,
+        "intermediate_size": cfg.ffn, "head_dim": cfg.head_dim or cfg.d // cfg.heads,
+        "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_eps,
+        "max_position_embeddings": cfg.max_len, "tie_word_embeddings": cfg.tied,
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "torch_dtype": "float32",
+    }
 
 
 def hf_names(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
