@@ -5,7 +5,8 @@
 * storage: bytes of the targeted base kernels as float32, bf16, NF4, NF4 + double quant;
 * memory: ``memory_analysis()`` of the compiled train step (arguments + temporaries +
   outputs - aliased), QLoRA (NF4+DQ base) vs LoRA on the float32 base, same adapters;
-* time: median step time of both, ratio QLoRA / LoRA;
+* time: median step time of both, ratio QLoRA / LoRA (QLoRA with blocks along the input axes,
+  the default, and along the output axis, ``blocks="row-major"``);
 * quality (``--quality``): the demo's byte-level GPT pretrained briefly, then the same LoRA
   fine-tune on its float32 base and on its NF4 base; held-out loss after.
 """
@@ -52,6 +53,8 @@ def step_rows(name, cfg, batch, steps, compute_dtype=None):
     tok = jax.random.randint(jax.random.key(0), (batch, cfg.seq), 0, cfg.vocab)
     params = model.init(jax.random.key(1), tok)
     qbase = lora_jax.quantize(params, "nf4", double_quant=True)
+    # The previous block orientation (blocks along the output axis), for comparison.
+    qbase_rm = lora_jax.quantize(params, "nf4", double_quant=True, blocks="row-major")
     lora = lora_jax.init(params, r=8, alpha=16, targets=TARGETS, key=jax.random.key(2))
     tx = optax.adamw(1e-4)
     f = lora_jax.apply(model.apply, compute_dtype=compute_dtype)
@@ -62,7 +65,8 @@ def step_rows(name, cfg, batch, steps, compute_dtype=None):
         return optax.apply_updates(l, upd), o
 
     rows, runs = [], []
-    for label, base in (("LoRA, float32 base", params), ("QLoRA, NF4+DQ base", qbase)):
+    for label, base in (("LoRA, float32 base", params), ("QLoRA, NF4+DQ base", qbase),
+                        ("QLoRA, row-major blocks", qbase_rm)):
         state = jax.tree.map(jnp.copy, (lora, tx.init(lora)))
         jitted = jax.jit(step, donate_argnums=(0, 1))
         compiled, flops, peak = compiled_stats(jitted, *state, base, tok)
