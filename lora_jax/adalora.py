@@ -44,7 +44,7 @@ import dataclasses
 import math
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +89,29 @@ class AdaLoraWeight(L.LowRankLeaf):
     dropout: float = struct.field(pytree_node=False, default=0.0)
     roles: str = struct.field(pytree_node=False, default="")
 
-    kind = "AdaLoRA"
+    kind: ClassVar[str] = "AdaLoRA"
+    peft_type: ClassVar[str] = "ADALORA"
+    field_roles: ClassVar[dict[str, str]] = {"p": "in", "e": "rank", "q": "out"}
+
+    def hparams(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "target_r": self.target_r}
+
+    def check(self, where: str) -> None:
+        V.leaf_arrays(self, where)
+        sa = V.integer(self.stack_axes, f"{where}: stack_axes", low=0)
+        want = tuple(self.p.shape[:sa]) + tuple(self.p.shape[-1:])
+        if tuple(self.e.shape) != want:  # one singular value per rank
+            raise ValueError(f"{where}: e has shape {tuple(self.e.shape)}, expected {want} "
+                             f"(stack axes + the rank of p {tuple(self.p.shape)})")
+        super().check(where)
+
+    def peft_matrices(self, index: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """PEFT's ``lora_A`` ``(r, in)`` = Pᵀ, ``lora_B`` ``(out, r)`` = Qᵀ and ``lora_E``
+        ``(r, 1)`` at one stack index."""
+        p, e, q = (np.asarray(x[index]) for x in (self.p, self.e, self.q))
+        r = p.shape[-1]
+        return {"lora_A": p.reshape(-1, r).T, "lora_B": q.reshape(r, -1).T,
+                "lora_E": e.reshape(r, 1)}
 
     def factors(self) -> tuple[jax.Array, jax.Array]:
         """``(P * E, Q)``: E broadcast over the input axes, so ``delta = scale * A @ B``."""

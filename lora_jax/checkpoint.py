@@ -51,6 +51,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 from lora_jax import codec as _codec
 from lora_jax import lora as L
+from lora_jax import protocols
 from lora_jax import paths as P
 from lora_jax import sharding as S
 from lora_jax import validation as V
@@ -74,7 +75,7 @@ def _check_storable(item: str, tree: PyTree) -> None:
     """Clear errors, before anything is written, for leaves a train state cannot hold."""
     for path, x in P.flatten(tree):
         where = f"{item}/{path}" if path else item
-        if P.is_base_leaf(x):
+        if protocols.is_base_leaf(x):
             raise TypeError(f"{where} is a {type(x).__name__}, a base weight: checkpoints hold "
                             "adapters and train state, never the base model")
         if str(getattr(x, "dtype", "")) in ("int4", "uint4"):
@@ -128,7 +129,7 @@ def _adapter_meta(lora: PyTree, meta: Any, where: str) -> tuple[dict, list]:
         fields = {n: {**_array_meta(arrays[c["i"]]), "i": c["i"]}
                   for n, c in zip(enc["f"], enc["c"]) if c["t"] == "array"}
         entries.append({"path": path, "kind": leaf.kind, "class": enc["cls"], "r": int(leaf.r),
-                        "alpha": float(getattr(leaf, "alpha", leaf.scale * leaf.r)),
+                        "alpha": float(leaf.hparams().get("alpha", leaf.scale * leaf.r)),
                         "scale": float(leaf.scale), "kernel_shape": list(leaf.kernel_shape),
                         "static": enc["static"], "arrays": fields})
 

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from lora_jax import layouts as Lay
-from lora_jax import paths as P
+from lora_jax.anchors import after
+from lora_jax.protocols import dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,31 +67,13 @@ def _replay(w, ops):
     return w
 
 
-def after(anchor, leaf):
-    """``leaf``'s factors, made to depend on ``anchor`` so XLA cannot merge any earlier.
-
-    Weight-sized temporaries (a merged or dequantized kernel) depend only on parameters, so
-    XLA's scheduler is free to compute them all at the start and keep them alive together.
-    Tying them to one element of the layer's activation (forward) or incoming gradient
-    (backward) makes each live only around its own matmul. ``optimization_barrier`` does not
-    achieve this on XLA:CPU (measured); an arithmetic dependency does: an exact zero computed
-    from the anchor (``nan_to_num`` keeps NaN/Inf out; XLA does not fold ``x * 0.0``).
-    """
-    if anchor is None or leaf is None:
-        return leaf
-    a = jnp.ravel(anchor)[0].astype(jnp.float32)
-    zero = jnp.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
-    return jax.tree.map(
-        lambda v: v + zero.astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.inexact) else v, leaf)
-
-
 def merged_view(base, leaf, ops, anchor=None) -> jax.Array:
     """``view(W0 + s·A·B)``: the weight operand exactly as the reference model sees it.
 
     With ``anchor``, the dequantization and merge are computed only once ``anchor`` exists.
     """
     leaf = after(anchor, leaf)
-    w = lax.stop_gradient(P.dense(base, after=anchor))
+    w = lax.stop_gradient(dense(base, after=anchor))
     if leaf is not None:
         w = (w.astype(jnp.promote_types(w.dtype, jnp.float32)) + leaf.delta()).astype(w.dtype)
     return _replay(w, ops)

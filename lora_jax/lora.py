@@ -24,7 +24,7 @@ import difflib
 import math
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ import numpy as np
 from flax import struct
 
 from lora_jax import layouts as Lay
+from lora_jax import protocols
 from lora_jax import paths as P
 from lora_jax import validation as V
 
@@ -56,7 +57,36 @@ class LowRankLeaf:
     stack_axes: int
     roles: str
     dropout: float
-    kind = "LoRA"  # name shown by summary()
+    kind: ClassVar[str] = "LoRA"  # name shown by summary()
+    peft_type: ClassVar[str] = "LORA"
+    field_roles: ClassVar[dict[str, str]] = {}  # array field -> "in" | "out" | "rank"
+
+    def hparams(self) -> dict[str, Any]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def check(self, where: str) -> None:
+        """Raises if the leaf is not self-consistent: array fields, axis counts, the factors'
+        chain, the roles string and every numeric hyperparameter."""
+        V.leaf_arrays(self, where)
+        sa = V.integer(self.stack_axes, f"{where}: stack_axes", low=0)
+        ia = V.integer(self.in_axes, f"{where}: in_axes", low=1)
+        for name, value in self.hparams().items():
+            if not isinstance(value, bool):  # flags aside, hyperparameters are finite numbers
+                V.number(value, f"{where}: {name}")
+        V.dropout(self.dropout, f"{where}: dropout")
+        a, b = jax.eval_shape(lambda leaf: leaf.factors(), self)
+        V.factor_chain(where, tuple(a.shape), tuple(b.shape), sa, ia)
+        try:
+            self.layout  # the roles string fits the factors' stack/in/out axis counts
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    def peft_matrices(self, index: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """The update's factors at one stack index as PEFT's matrices: ``lora_A`` ``(r, in)``
+        and ``lora_B`` ``(out, r)`` with the input and output axes flattened."""
+        a, b = (np.asarray(x[index]) for x in self.factors())
+        r = a.shape[-1]
+        return {"lora_A": a.reshape(-1, r).T, "lora_B": b.reshape(r, -1).T}
 
     def factors(self) -> tuple[jax.Array, jax.Array]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -145,6 +175,8 @@ class LoraWeight(LowRankLeaf):
     dropout: float = struct.field(pytree_node=False, default=0.0)
     roles: str = struct.field(pytree_node=False, default="")
 
+    field_roles: ClassVar[dict[str, str]] = {"a": "in", "b": "out"}
+
     def factors(self):
         return self.a, self.b
 
@@ -152,6 +184,9 @@ class LoraWeight(LowRankLeaf):
     def scale(self) -> float:
         r = self.a.shape[-1]
         return self.alpha / math.sqrt(r) if self.rslora else self.alpha / r
+
+    def hparams(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "rslora": self.rslora}
 
 
 def is_lowrank(x: Any) -> bool:
@@ -320,7 +355,7 @@ def _examples(flat, n=4) -> str:
 
 def _check_finite(path: str, x: Any) -> None:
     concrete = isinstance(x, (np.ndarray, np.generic, jax.Array))
-    if not concrete or P.is_base_leaf(x) or isinstance(x, jax.core.Tracer):
+    if not concrete or protocols.is_base_leaf(x) or isinstance(x, jax.core.Tracer):
         return  # abstract (ShapeDtypeStruct), traced or quantized: nothing to read
     arr = np.asarray(x, dtype=np.float32) if "bfloat16" in str(x.dtype) else np.asarray(x)
     if not np.isfinite(arr).all():
@@ -431,7 +466,7 @@ def _init_leaf(key, s, scheme, rslora, dtype, dropout, path) -> LoraWeight:
     elif scheme == "zeros":
         a, b = jnp.zeros(a_shape, dtype), jnp.zeros(b_shape, dtype)
     else:  # pissa (Meng et al. 2024; PEFT init_lora_weights="pissa")
-        w = jnp.transpose(P.dense(s["leaf"], jnp.float32), Lay.to_canonical(roles))
+        w = jnp.transpose(protocols.dense(s["leaf"], jnp.float32), Lay.to_canonical(roles))
         u, sv, vt = jnp.linalg.svd(w.reshape(stack + (n_in, n_out)), full_matrices=False)
         tmp = LoraWeight(a=jnp.zeros(a_shape), b=jnp.zeros(b_shape), **meta)
         root = jnp.sqrt(sv[..., :rr] / tmp.scale)
@@ -520,10 +555,10 @@ def merge(base: PyTree, lora: PyTree, *, dtype=None, requantize: bool = False,
 
     def f(path, w):
         if path in targets:
-            wd = P.dense(w)
+            wd = protocols.dense(w)
             delta = lmap[path].delta()
             merged = wd.astype(jnp.promote_types(wd.dtype, jnp.float32)) + delta
-            if requantize and P.is_base_leaf(w):
+            if requantize and protocols.is_base_leaf(w):
                 q = w.requantize(merged, path=path)
                 qd = q.dequantize(jnp.float32)
                 nrm = lambda v: float(jnp.linalg.norm(v))  # noqa: E731
@@ -534,7 +569,7 @@ def merge(base: PyTree, lora: PyTree, *, dtype=None, requantize: bool = False,
                 }
                 return q
             return V.cast_merged(merged, dtype or wd.dtype, int_rounding)
-        if P.is_base_leaf(w):
+        if protocols.is_base_leaf(w):
             return w if requantize else V.dense_as(w, dtype, int_rounding)
         return w
 
@@ -554,7 +589,7 @@ def unmerge(merged: PyTree, lora: PyTree, *, int_rounding: str | None = None) ->
 
     def f(path, w):
         if path in targets:
-            wd = P.dense(w)
+            wd = protocols.dense(w)
             return V.cast_merged(
                 wd.astype(jnp.promote_types(wd.dtype, jnp.float32)) - lmap[path].delta(),
                 wd.dtype, int_rounding)

@@ -39,6 +39,7 @@ import jax.extend as jex
 
 from flax import nnx
 
+from lora_jax import protocols
 from lora_jax import paths as P
 
 PyTree = Any
@@ -166,7 +167,7 @@ def warn_unreturned_rng(fn: Callable, jaxpr: jex.core.Jaxpr, base: PyTree, args:
             return
     # A dict flattens in key order, so {"args", "kwargs"} has the leaf order of (args, kwargs).
     dyn = rng_count_paths({"args": args, "kwargs": kwargs})
-    counts = rng_count_paths(base, P.is_base_leaf) + [p for p, d in zip(dyn, is_dyn) if d]
+    counts = rng_count_paths(base, protocols.is_base_leaf) + [p for p, d in zip(dyn, is_dyn) if d]
     lost = unreturned(jaxpr, counts)
     if not lost:
         return

@@ -24,40 +24,10 @@ from typing import Any
 import jax
 import numpy as np
 
+from lora_jax.protocols import is_base_leaf
+
 PyTree = Any
 Pattern = str | Sequence[str]
-
-# Leaf types that the core must treat as single parameters even though they are pytree nodes
-# (a quantized base weight, for instance). Modules register their types here, so that the core
-# never imports them by name.
-_BASE_LEAF_TYPES: list[type] = []
-
-
-def register_base_leaf(cls: type) -> type:
-    """Registers a pytree-node type that stands for one (frozen) base parameter.
-
-    The type must provide ``shape``, ``dtype`` and ``dequantize(dtype=None) -> jax.Array``.
-    """
-    if cls not in _BASE_LEAF_TYPES:
-        _BASE_LEAF_TYPES.append(cls)
-    return cls
-
-
-def is_base_leaf(x: Any) -> bool:
-    """True for a registered base-leaf object (e.g. a ``QuantizedArray``)."""
-    return isinstance(x, tuple(_BASE_LEAF_TYPES))
-
-
-def dense(x: Any, dtype=None, *, after: jax.Array | None = None) -> jax.Array:
-    """A base parameter as a dense array (dequantizing registered base leaves).
-
-    ``after``: an array the dequantization is made to depend on (see
-    ``QuantizedArray.dequantize``); ignored for dense arrays, which need no computing.
-    """
-    if is_base_leaf(x):
-        return x.dequantize(dtype) if after is None else x.dequantize(dtype, after=after)
-    return x if dtype is None else x.astype(dtype)
-
 
 def key_str(k: Any) -> str:
     """One path entry as text."""

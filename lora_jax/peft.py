@@ -57,6 +57,7 @@ from safetensors import numpy as st
 from lora_jax import adalora as AL
 from lora_jax import layouts as Lay
 from lora_jax import lora as L
+from lora_jax import protocols
 from lora_jax import paths as P
 from lora_jax import validation as V
 
@@ -417,26 +418,28 @@ def _patterns(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
 
 
 def _module_tensors(t: _Target, leaf: L.LowRankLeaf, idx, sl, dtype) -> dict[str, np.ndarray]:
+    """PEFT's tensors for one module: the leaf's matrices at ``idx``, shaped for the kind of
+    layer (``lora_A`` ``(r, in)``, ``lora_B`` ``(out, r)`` for a Linear; conv and embedding
+    variants), ``lora_B`` sliced to the module's part of a fused kernel."""
     cast = lambda x: np.ascontiguousarray(np.asarray(x, dtype or x.dtype))  # noqa: E731
-    if isinstance(leaf, AL.AdaLoraWeight):
-        if t.kind != "linear":
-            raise NotImplementedError(f"{t.path!r}: PEFT's AdaLoRA adapts Linear layers only")
-        p = np.asarray(leaf.p[idx]).reshape(t.n_in, -1)
-        q = np.asarray(leaf.q[idx]).reshape(-1, t.n_out)
-        q = q if sl is None else q[:, sl]
-        e = np.asarray(leaf.e[idx]).reshape(-1, 1)
-        return {"lora_A": cast(p.T), "lora_B": cast(q.T), "lora_E": cast(e)}
-    a, b = np.asarray(leaf.a[idx]), np.asarray(leaf.b[idx])
-    if t.kind == "conv":
-        nd = a.ndim  # a (*spatial, cin, r) -> (r, cin, *spatial); b (r, cout) -> (cout, r, 1..)
-        ta = a.transpose((nd - 1, nd - 2) + tuple(range(nd - 2)))
-        tb = b.reshape(b.shape[0], -1).T.reshape((t.core[-1], b.shape[0]) + (1,) * (nd - 2))
-        return {"lora_A.weight": cast(ta), "lora_B.weight": cast(tb)}
-    a, b = a.reshape(t.n_in, -1), b.reshape(-1, t.n_out)
-    b = b if sl is None else b[:, sl]
+    m = leaf.peft_matrices(idx)
+    a, b = m.pop("lora_A"), m.pop("lora_B")  # (r, n_in), (n_out, r)
+    if m and t.kind != "linear":
+        raise NotImplementedError(f"{t.path!r}: PEFT's {leaf.peft_type} adapts Linear layers only")
+    if t.kind == "conv":  # (r, cin, *spatial) from the kernel's (*spatial, cin) input axes
+        spatial = t.core[: t.in_axes - 1]
+        r = a.shape[0]
+        ta = a.reshape((r,) + spatial + (t.core[t.in_axes - 1],))
+        ta = ta.transpose((0, len(spatial) + 1) + tuple(range(1, len(spatial) + 1)))
+        return {"lora_A.weight": cast(ta),
+                "lora_B.weight": cast(b.reshape(b.shape + (1,) * len(spatial)))}
+    b = b if sl is None else b[sl]
     if t.kind == "embedding":
-        return {"lora_embedding_A": cast(a.T), "lora_embedding_B": cast(b.T)}
-    return {"lora_A.weight": cast(a.T), "lora_B.weight": cast(b.T)}
+        return {"lora_embedding_A": cast(a), "lora_embedding_B": cast(b)}
+    if leaf.peft_type == "ADALORA":  # PEFT's AdaLoRA names its parameters without ".weight"
+        return {"lora_A": cast(a), "lora_B": cast(b), **{k: cast(v) for k, v in m.items()}}
+    return {"lora_A.weight": cast(a), "lora_B.weight": cast(b),
+            **{k: cast(v) for k, v in m.items()}}
 
 
 def save(
@@ -479,11 +482,11 @@ def save(
     lmap = L.leaves(lora)
     if not lmap:
         raise ValueError("save: the LoRA tree has no adapter leaves")
-    kinds = {type(x) for x in lmap.values()}
-    if kinds not in ({L.LoraWeight}, {AL.AdaLoraWeight}):
-        raise TypeError(f"save: expected only LoraWeight or only AdaLoraWeight leaves, got "
-                        f"{sorted(k.__name__ for k in kinds)}")
-    ada = kinds == {AL.AdaLoraWeight}
+    kinds = {x.peft_type for x in lmap.values()}
+    if kinds not in ({"LORA"}, {"ADALORA"}):
+        raise TypeError(f"save: expected only LoRA or only AdaLoRA leaves, got "
+                        f"{sorted({type(x).__name__ for x in lmap.values()})}")
+    ada = kinds == {"ADALORA"}
     fn = _resolve(name_map)
     tensors: dict[str, np.ndarray] = {}
     ranks, alphas, rslora, dropout = {}, {}, {}, {}
@@ -502,8 +505,9 @@ def save(
                 raise ValueError(f"save: {path!r} and another path both map to module {name!r}")
             for k, v in _module_tensors(t, leaf, idx, sl, dtype).items():
                 tensors[f"{PREFIX}{name}.{k}"] = v
-            ranks[name], alphas[name] = leaf.r, float(leaf.alpha)
-            rslora[name], dropout[name] = getattr(leaf, "rslora", False), leaf.dropout
+            hp = leaf.hparams()
+            ranks[name], alphas[name] = leaf.r, float(hp["alpha"])
+            rslora[name], dropout[name] = hp.get("rslora", False), leaf.dropout
     if len(set(dropout.values())) > 1:
         warnings.warn(f"save: PEFT has one lora_dropout; the modules have {set(dropout.values())},"
                       " writing the most common", stacklevel=2)
@@ -516,13 +520,13 @@ def save(
     )
     if ada:
         for what, vals in (("init_r", ranks), ("lora_alpha", alphas),
-                           ("target_r", {p: x.target_r for p, x in lmap.items()})):
+                           ("target_r", {p: x.hparams()["target_r"] for p, x in lmap.items()})):
             if len(set(vals.values())) > 1:
                 raise ValueError(f"save: PEFT's AdaLoRA has one {what} for all modules, got "
                                  f"{dict(vals)}")
         leaf = next(iter(lmap.values()))
-        cfg.update(peft_type="ADALORA", r=8, init_r=leaf.r, target_r=leaf.target_r,
-                   lora_alpha=_num(leaf.alpha), rank_pattern=None, alpha_pattern={},
+        cfg.update(peft_type="ADALORA", r=8, init_r=leaf.r, target_r=leaf.hparams()["target_r"],
+                   lora_alpha=_num(leaf.hparams()["alpha"]), rank_pattern=None, alpha_pattern={},
                    use_rslora=False, **_ADALORA_DEFAULTS)
     else:
         if len(set(rslora.values())) > 1:
@@ -967,7 +971,7 @@ def save_merged(
             raise TypeError(f"save_merged: config must be a dict or have to_hf(), got "
                             f"{type(config).__name__}")
     merged = L.merge(params, lora) if lora is not None else P.map_with_path(
-        lambda _, x: P.dense(x), params)
+        lambda _, x: protocols.dense(x), params)
     lmap = L.leaves(lora) if lora is not None else {}
     fn = _resolve(name_map)
     out: dict[str, np.ndarray] = {}

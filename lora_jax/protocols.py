@@ -53,8 +53,12 @@ class BaseLeaf(Protocol):
         ...
 
     def storage_specs(self, spec: Any, axis_sizes: Mapping[str, int], path: str) -> Any:
-        """This leaf with a ``PartitionSpec`` for each stored array, for a logical ``spec``."""
+        """This leaf with a ``PartitionSpec`` for each stored array, for a logical ``spec``
+        (``ValueError`` if the spec would split its storage units)."""
         ...
+
+    @property
+    def major_axis(self) -> int: ...  # the logical axis that shards without communication
 
 
 @runtime_checkable
@@ -114,8 +118,8 @@ class LowRankLeaf(Protocol):
         """Raises if the leaf is not self-consistent (shapes, dtypes, numbers)."""
         ...
 
-    def peft_tensors(self, index: tuple[int, ...]) -> dict[str, np.ndarray]:
-        """The PEFT tensors of one stack index, as matrices: ``lora_A`` ``(r, in)``,
+    def peft_matrices(self, index: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """PEFT's tensors of one stack index, as matrices: ``lora_A`` ``(r, in)``,
         ``lora_B`` ``(out, r)`` and the kind's own (AdaLoRA's ``lora_E`` ``(r, 1)``)."""
         ...
 

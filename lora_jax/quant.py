@@ -45,6 +45,8 @@ from flax import struct
 
 from lora_jax import layouts as _lay
 from lora_jax import paths as _paths
+from lora_jax.anchors import zero_from
+from lora_jax.protocols import register_base_leaf
 from lora_jax import validation as V
 
 FORMATS = ("nf4", "fp4", "int4", "int8")
@@ -153,7 +155,7 @@ class QuantizedArray:
         ((64,), 'bfloat16')
         """
         out = jnp.dtype(self.dtype if dtype is None else dtype).name
-        zero = jnp.zeros((), jnp.float32) if after is None else _zero_from(after)
+        zero = jnp.zeros((), jnp.float32) if after is None else zero_from(after)
         flat_shape = self.shape if self.order is None else tuple(self.shape[k] for k in self.order)
         w = _dequantize(self.codes, self.absmax, self.absmax2, self.offset, zero,
                         shape=flat_shape, fmt=self.format, block_size=self.block_size,
@@ -216,6 +218,48 @@ class QuantizedArray:
             shape=self.shape[1:],
             order=None if self.order is None else _normal_order(tuple(k - 1 for k in self.order[1:])))
 
+    @property
+    def major_axis(self) -> int:
+        """The logical axis flattened first: shards along it hold whole runs of blocks, so a
+        shard dequantizes without communication."""
+        return 0 if self.order is None else self.order[0]
+
+    def storage_specs(self, spec: Any, axis_sizes: Mapping[str, int], path: str = "<array>"):
+        """This array with a ``PartitionSpec`` per stored array, for the logical ``spec``.
+
+        Codes and block scales are stored flat in block order; they shard over the same mesh
+        axes as ``spec``, each shard holding whole blocks. Where ``spec`` shards only the
+        :attr:`major_axis`, a shard of the codes is the codes of a shard of the weight;
+        otherwise XLA reshuffles at the dequantization (the memory is still divided).
+        Second-level scales shard when every shard holds whole groups of 256 blocks, else
+        they are replicated (they are tiny).
+
+        Raises:
+          ValueError: a shard would split a quantization block.
+        """
+        from jax.sharding import PartitionSpec
+
+        axes = tuple(a for e in spec if e is not None
+                     for a in ((e,) if isinstance(e, str) else e))
+        n = math.prod(axis_sizes[a] for a in axes)
+        rep = PartitionSpec()
+        if n == 1:
+            flat = rep
+        else:
+            nb = self.absmax.shape[0]
+            if self.size % self.block_size or nb % n:
+                raise ValueError(
+                    f"{path}: {self.format} weight of shape {self.shape} has {nb} blocks of "
+                    f"{self.block_size}, which {n} shards (mesh axes {axes} of spec {spec}) "
+                    "cannot split without splitting a block; use a spec with fewer shards, a "
+                    "smaller block_size, or replicate this parameter")
+            flat = PartitionSpec(axes if len(axes) > 1 else axes[0])
+        dq = flat if (self.absmax2 is not None and n > 1
+                      and self.absmax.shape[0] % (_DQ_BLOCK * n) == 0) else rep
+        return self.replace(codes=flat, absmax=flat,
+                            absmax2=None if self.absmax2 is None else dq,
+                            offset=None if self.offset is None else rep)
+
     def __repr__(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
         native = ", native" if self.storage == "native" else ""
@@ -231,7 +275,7 @@ def _normal_order(order: tuple[int, ...] | None) -> tuple[int, ...] | None:
     return tuple(int(k) for k in order)
 
 
-_paths.register_base_leaf(QuantizedArray)
+register_base_leaf(QuantizedArray)
 
 
 def is_quantized(x: Any) -> bool:
@@ -485,12 +529,6 @@ def _block_absmax(absmax, absmax2, offset):
     # Scales near float32's maximum can round past it: clip rather than give inf (and NaN).
     return jnp.minimum(jax.lax.bitcast_convert_type(bits, jnp.float32) + offset,
                        np.finfo(_F32).max)
-
-
-def _zero_from(anchor: jax.Array) -> jax.Array:
-    """A float32 zero that XLA must compute from ``anchor`` (NaN/Inf-safe)."""
-    a = jnp.ravel(anchor)[0].astype(jnp.float32)
-    return jnp.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0) * _F32(0)
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "fmt", "block_size", "dtype", "storage"))

@@ -36,22 +36,14 @@ from typing import Any
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from lora_jax import adalora as _ada
 from lora_jax import layouts as Lay
 from lora_jax import lora as L
+from lora_jax import protocols
 from lora_jax import paths as P
-from lora_jax import quant as Q
 from lora_jax import validation as V
 
 PyTree = Any
 POLICIES = ("inherit", "replicate")
-
-# Which kernel axes each array field of a leaf kind follows: "in" (*stack, *in, r),
-# "out" (*stack, r, *out), "rank" (*stack, r). A new leaf kind declares ``sharding_roles``.
-_ROLES: dict[type, dict[str, str]] = {
-    L.LoraWeight: {"a": "in", "b": "out"},
-    _ada.AdaLoraWeight: {"p": "in", "e": "rank", "q": "out"},
-}
 
 # Megatron-style tensor parallelism: column-parallel layers split their output features,
 # row-parallel layers their input features, so each MLP/attention block needs one all-reduce.
@@ -215,10 +207,12 @@ def specs(
 
 
 def _roles(leaf) -> dict[str, str]:
-    roles = getattr(type(leaf), "sharding_roles", None) or _ROLES.get(type(leaf))
-    if roles is None:
+    """Which kernel axes each array field follows: "in" (*stack, *in, r), "out" (*stack, r,
+    *out), "rank" (*stack, r); the leaf kind's ``field_roles``."""
+    roles = getattr(leaf, "field_roles", None)
+    if not roles:
         raise TypeError(f"no sharding roles known for adapter kind {type(leaf).__name__}; give "
-                        "the class a `sharding_roles = {field: 'in'|'out'|'rank'}` attribute")
+                        "the class a `field_roles = {field: 'in'|'out'|'rank'}` attribute")
     return roles
 
 
@@ -326,12 +320,12 @@ def storage_specs(base: PyTree, base_specs: PyTree | Mapping[str, Any], mesh: Me
         path = P.path_str(kp)
         spec = _spec(_entries(flat.get(path, PartitionSpec()), len(x.shape),
                               f"base_specs[{path!r}]"))
-        if not Q.is_quantized(x):
-            _check_divides(mesh, spec, x.shape, path)
+        _check_divides(mesh, spec, x.shape, path)
+        if not protocols.is_base_leaf(x):
             return spec
-        return _quantized_specs(x, spec, mesh, path)
+        return x.storage_specs(spec, dict(mesh.shape), path)
 
-    return jax.tree_util.tree_map_with_path(f, base, is_leaf=P.is_base_leaf)
+    return jax.tree_util.tree_map_with_path(f, base, is_leaf=protocols.is_base_leaf)
 
 
 def _axes_of(spec) -> tuple[str, ...]:
@@ -339,30 +333,6 @@ def _axes_of(spec) -> tuple[str, ...]:
     for e in spec:
         out += [] if e is None else [e] if isinstance(e, str) else list(e)
     return tuple(out)
-
-
-def _quantized_specs(q, spec, mesh, path):
-    axes = _axes_of(spec)
-    _check_divides(mesh, spec, q.shape, path)
-    n = math.prod(mesh.shape[a] for a in axes)
-    rep = PartitionSpec()
-    if n == 1:
-        flat = rep
-    else:
-        nb = q.absmax.shape[0]
-        if q.size % q.block_size or nb % n:
-            raise ValueError(
-                f"{path}: {q.format} weight of shape {q.shape} has {nb} blocks of "
-                f"{q.block_size}, which {n} shards (mesh axes {axes} of spec {spec}) cannot "
-                "split without splitting a block; use a spec with fewer shards, a smaller "
-                "block_size, or replicate this parameter")
-        flat = PartitionSpec(axes if len(axes) > 1 else axes[0])
-    dq = rep
-    if q.absmax2 is not None and n > 1 and q.absmax.shape[0] % (256 * n) == 0:
-        dq = flat
-    return q.replace(codes=flat, absmax=flat,
-                     absmax2=None if q.absmax2 is None else dq,
-                     offset=None if q.offset is None else rep)
 
 
 def fsdp(
@@ -405,11 +375,10 @@ def fsdp(
         entries = list(_entries(prior.get(path, PartitionSpec()), len(shape), path))
         used = set(_axes_of(entries))
         if math.prod(shape) >= min_size and not used & set(axes):
-            # A quantized weight prefers its leading axis: its row-major blocks then shard
-            # exactly like its rows, and dequantizing needs no communication.
-            first = Q.is_quantized(x)
-            for d in sorted(range(len(shape)), key=lambda d: (not (first and d == 0),
-                                                              -shape[d], d)):
+            # A quantized weight prefers the axis its blocks were flattened along first: its
+            # shards then hold whole runs of blocks, and dequantizing needs no communication.
+            first = x.major_axis if protocols.is_base_leaf(x) else None
+            for d in sorted(range(len(shape)), key=lambda d: (d != first, -shape[d], d)):
                 if entries[d] is not None or shape[d] % n:
                     continue
                 trial = entries.copy()
@@ -490,10 +459,13 @@ def tensor_parallel(
 
 
 def _splits_blocks(x, entries, mesh) -> bool:
-    if not Q.is_quantized(x):
+    if not protocols.is_base_leaf(x):
         return False
-    n = math.prod(mesh.shape[a] for a in _axes_of(entries))
-    return n > 1 and bool(x.size % x.block_size or x.absmax.shape[0] % n)
+    try:
+        x.storage_specs(_spec(entries), dict(mesh.shape), "")
+    except ValueError:
+        return True
+    return False
 
 
 # ----------------------------------------------------------------------------------------
@@ -506,7 +478,7 @@ def _spec_map(base_specs) -> dict[str, PartitionSpec]:
         return {}
 
     def leaf(x):
-        return x is None or _is_spec(x) or isinstance(x, NamedSharding) or P.is_base_leaf(x)
+        return x is None or _is_spec(x) or isinstance(x, NamedSharding) or protocols.is_base_leaf(x)
 
     out = {}
     for path, s in P.flatten(base_specs, is_leaf=leaf):
@@ -514,7 +486,7 @@ def _spec_map(base_specs) -> dict[str, PartitionSpec]:
             s = s.spec
         elif s is None:
             s = PartitionSpec()
-        elif P.is_base_leaf(s):
+        elif protocols.is_base_leaf(s):
             raise ValueError(f"base_specs[{path!r}] is a {type(s).__name__} of specs (storage "
                              "specs); pass one PartitionSpec for the parameter's logical shape")
         elif not _is_spec(s):

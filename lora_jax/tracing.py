@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from lora_jax import protocols
 from lora_jax import paths as P
 
 
@@ -46,11 +47,11 @@ def _is_array(x) -> bool:
 
 def trace(fn: Callable, base: Any, args: tuple, kwargs: dict) -> Traced:
     """Traces ``fn(base, *args, **kwargs)``; see the module docstring."""
-    pairs, base_def = jax.tree_util.tree_flatten_with_path(base, is_leaf=P.is_base_leaf)
+    pairs, base_def = jax.tree_util.tree_flatten_with_path(base, is_leaf=protocols.is_base_leaf)
     base_paths = [P.path_str(p) for p, _ in pairs]
     base_leaves = [x for _, x in pairs]
     for path, x in zip(base_paths, base_leaves):
-        if not (_is_array(x) or P.is_base_leaf(x) or isinstance(x, jax.core.Tracer)):
+        if not (_is_array(x) or protocols.is_base_leaf(x) or isinstance(x, jax.core.Tracer)):
             raise TypeError(
                 f"base parameter {path!r} is a {type(x).__name__} ({x!r:.60}), expected an "
                 "array; wrap Python numbers with jnp.asarray, or pass them as arguments")

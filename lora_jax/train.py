@@ -26,14 +26,51 @@ import jax
 import optax
 
 from lora_jax import lora as L
+from lora_jax import protocols
 from lora_jax import paths as P
-from lora_jax import transform as T
 
 PyTree = Any
 
 
 def _is_node(x):
-    return L.is_lowrank(x) or P.is_base_leaf(x)
+    return L.is_lowrank(x) or protocols.is_base_leaf(x)
+
+
+def trainable_base_paths(
+    base: PyTree, lora: PyTree, *, modules_to_save: P.Pattern | None = None, bias: str = "none"
+) -> set[str]:
+    """Base paths that train besides the adapters (PEFT ``modules_to_save`` and ``bias``).
+
+    Args:
+      base: the base parameter tree.
+      lora: the LoRA tree.
+      modules_to_save: regexes; every base leaf whose path matches (or lies below a matching
+        module path) trains in full.
+      bias: ``"none"``, ``"lora_only"`` (biases of adapted modules) or ``"all"``.
+    """
+    if bias not in ("none", "lora_only", "all"):
+        raise ValueError(f"bias must be 'none', 'lora_only' or 'all', got {bias!r}")
+    pats = P.as_patterns(modules_to_save)
+    lora_paths = set(L.leaves(lora))
+    mods = {p.rsplit("/", 1)[0] for p in lora_paths}
+    out = set()
+    for path, _ in P.flatten(base):
+        parent, _, name = path.rpartition("/")
+        if pats and (P.matches(path, pats) or any(P.matches(path[:i], pats)
+                                                  for i in _prefix_cuts(path))):
+            if path in lora_paths:
+                raise ValueError(
+                    f"{path!r} is both a LoRA target and in modules_to_save; exclude it from "
+                    "the LoRA targets to train it in full"
+                )
+            out.add(path)
+        elif name == "bias" and (bias == "all" or (bias == "lora_only" and parent in mods)):
+            out.add(path)
+    return out
+
+
+def _prefix_cuts(path: str):
+    return [i for i, ch in enumerate(path) if ch == "/"]
 
 
 def trainable_mask(
@@ -47,7 +84,7 @@ def trainable_mask(
     """
     keep: set[str] = set()
     if isinstance(tree, dict) and set(tree) == {"base", "lora"}:
-        keep = {"base/" + p for p in T.trainable_base_paths(
+        keep = {"base/" + p for p in trainable_base_paths(
             tree["base"], tree["lora"], modules_to_save=modules_to_save, bias=bias)}
     elif modules_to_save or bias != "none":
         raise ValueError("modules_to_save/bias need a combined {'base': ..., 'lora': ...} tree")
@@ -55,7 +92,7 @@ def trainable_mask(
     def label(path, x):
         if L.is_lowrank(x):
             return jax.tree.map(lambda _: True, x)
-        if P.is_base_leaf(x):
+        if protocols.is_base_leaf(x):
             return jax.tree.map(lambda _: False, x)
         return path in keep
 

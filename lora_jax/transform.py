@@ -35,8 +35,10 @@ from lora_jax import fast_dot
 from lora_jax import layouts as Lay
 from lora_jax import lora as L
 from lora_jax import nnx as NNX
+from lora_jax import protocols
 from lora_jax import paths as P
 from lora_jax import tracing
+from lora_jax.train import trainable_base_paths
 from lora_jax import validation as V
 
 PyTree = Any
@@ -449,7 +451,7 @@ def _scan(cfg, eqn, invals):
     # A stacked weight scanned over: slice its base and adapter along with it.
     sliced, plain_xs = [], []
     for x in xs:
-        if _is_tagged(x) and P.is_base_leaf(x.base) and not x.ops:
+        if _is_tagged(x) and protocols.is_base_leaf(x.base) and not x.ops:
             unstacked = x.base.unstack_leading()  # dequantize one layer at a time
             if isinstance(unstacked, str):
                 x = dataclasses.replace(x, ops=((None, unstacked),))
@@ -529,43 +531,6 @@ def _tag(path: str, base: Any, lora_leaf) -> _Tagged:
         shape=shape,
         dtype=base.dtype,
     )
-
-
-def trainable_base_paths(
-    base: PyTree, lora: PyTree, *, modules_to_save: P.Pattern | None = None, bias: str = "none"
-) -> set[str]:
-    """Base paths that train besides the adapters (PEFT ``modules_to_save`` and ``bias``).
-
-    Args:
-      base: the base parameter tree.
-      lora: the LoRA tree.
-      modules_to_save: regexes; every base leaf whose path matches (or lies below a matching
-        module path) trains in full.
-      bias: ``"none"``, ``"lora_only"`` (biases of adapted modules) or ``"all"``.
-    """
-    if bias not in ("none", "lora_only", "all"):
-        raise ValueError(f"bias must be 'none', 'lora_only' or 'all', got {bias!r}")
-    pats = P.as_patterns(modules_to_save)
-    lora_paths = set(L.leaves(lora))
-    mods = {p.rsplit("/", 1)[0] for p in lora_paths}
-    out = set()
-    for path, _ in P.flatten(base):
-        parent, _, name = path.rpartition("/")
-        if pats and (P.matches(path, pats) or any(P.matches(path[:i], pats)
-                                                  for i in _prefix_cuts(path))):
-            if path in lora_paths:
-                raise ValueError(
-                    f"{path!r} is both a LoRA target and in modules_to_save; exclude it from "
-                    "the LoRA targets to train it in full"
-                )
-            out.add(path)
-        elif name == "bias" and (bias == "all" or (bias == "lora_only" and parent in mods)):
-            out.add(path)
-    return out
-
-
-def _prefix_cuts(path: str):
-    return [i for i, ch in enumerate(path) if ch == "/"]
 
 
 def apply(
@@ -736,7 +701,7 @@ def _run(fn, base, lora, args, kwargs, *, rng=None, strict=False, mode="fast",
 
     def freeze(path, x):
         dtype = getattr(x, "dtype", None)
-        if path in keep or P.is_base_leaf(x) or dtype is None or not jnp.issubdtype(
+        if path in keep or protocols.is_base_leaf(x) or dtype is None or not jnp.issubdtype(
                 dtype, jnp.floating):
             return x
         return lax.stop_gradient(x)
@@ -750,7 +715,7 @@ def _run(fn, base, lora, args, kwargs, *, rng=None, strict=False, mode="fast",
         NNX.warn_unreturned_rng(fn, jx.closed.jaxpr, base, args, kwargs, jx.is_dyn)
     invals = []
     for path, x in zip(jx.base_paths, jx.base_leaves):
-        if path in lmap or P.is_base_leaf(x):
+        if path in lmap or protocols.is_base_leaf(x):
             invals.append(_tag(path, x, lmap.get(path)))
         else:
             invals.append(x)

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import protocols
+
 PyTree = Any
 INT_ROUNDINGS = (None, "nearest")
 
@@ -264,25 +266,19 @@ def init_args(where, params, r, key, alpha_arg, targets, exclude, rules, dtype, 
 # Adapter leaves
 
 
-def _factor_shapes(leaf) -> tuple[tuple, tuple]:
-    """Shapes of ``(A, B)`` in ``delta = scale * A @ B``, without computing them."""
-    names = {f.name for f in dataclasses.fields(leaf) if f.metadata.get("pytree_node", True)}
-    if {"p", "e", "q"} <= names:
-        return tuple(leaf.p.shape), tuple(leaf.q.shape)
-    if {"a", "b"} <= names:
-        return tuple(leaf.a.shape), tuple(leaf.b.shape)
-    a, b = jax.eval_shape(lambda x: x.factors(), leaf)
-    return tuple(a.shape), tuple(b.shape)
-
-
 def adapter_leaf(path: str, leaf: Any, where: str = "LoRA tree") -> None:
-    """Checks that an adapter leaf (built by hand, or read from a file) is self-consistent.
+    """Checks that an adapter leaf (built by hand, or read from a file) is self-consistent:
+    the leaf kind's own ``check``.
 
     Raises:
       TypeError: a field that is not an array, or not floating. ValueError: factors that do
         not chain, a stack or axis count that does not fit them, or a non-finite alpha.
     """
-    at = f"{where}: adapter leaf {path!r}"
+    leaf.check(f"{where}: adapter leaf {path!r}")
+
+
+def leaf_arrays(leaf: Any, at: str) -> None:
+    """Every array field of a leaf is a floating-point array."""
     for f in dataclasses.fields(leaf):
         x = getattr(leaf, f.name)
         if not f.metadata.get("pytree_node", True) or x is None:
@@ -291,27 +287,11 @@ def adapter_leaf(path: str, leaf: Any, where: str = "LoRA tree") -> None:
             raise TypeError(f"{at}: field {f.name} is a {_kind(x)}, expected an array")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"{at}: field {f.name} has dtype {x.dtype}, expected a float dtype")
-    sa = integer(leaf.stack_axes, f"{at}: stack_axes", low=0)
-    ia = integer(leaf.in_axes, f"{at}: in_axes", low=1)
-    if hasattr(leaf, "alpha"):
-        number(leaf.alpha, f"{at}: alpha")
-    dropout(leaf.dropout, f"{at}: dropout")
-    if hasattr(leaf, "e") and hasattr(leaf, "p"):  # AdaLoRA: E holds one value per rank
-        want = tuple(leaf.p.shape[:sa]) + tuple(leaf.p.shape[-1:])
-        if tuple(leaf.e.shape) != want:
-            raise ValueError(f"{at}: e has shape {tuple(leaf.e.shape)}, expected {want} "
-                             f"(stack axes + the rank of p {tuple(leaf.p.shape)})")
-    a, b = _factor_shapes(leaf)
-    _check_chain(at, a, b, sa, ia)
-    try:
-        leaf.layout  # the roles string fits the factors' stack/in/out axis counts
-    except ValueError as e:
-        raise ValueError(f"{at}: {e}") from None
 
 
-def _check_chain(at: str, a: tuple, b: tuple, sa: int, ia: int) -> None:
-    """The factor layout of :mod:`lora_jax.lora`: A ``(*stack, *in, r)``, B ``(*stack, r,
-    *out)``; the one place to change when leaves get other layouts."""
+def factor_chain(at: str, a: tuple, b: tuple, sa: int, ia: int) -> None:
+    """The factor layout of every adapter leaf: A ``(*stack, *in, r)``, B ``(*stack, r,
+    *out)`` (the kernel's own axis order is the leaf's ``layout``)."""
     layout = "a must be (*stack, *in, r) and b (*stack, r, *out)"
     if len(a) != sa + ia + 1 or len(b) < sa + 2:
         raise ValueError(f"{at}: factors a {a} and b {b} do not fit stack_axes={sa}, "
@@ -363,10 +343,9 @@ def cast_merged(x: jax.Array, dtype: Any, rounding: str | None) -> jax.Array:
 
 def dense_as(w: Any, dtype: Any, rounding: str | None) -> jax.Array:
     """A quantized base leaf, dequantized to ``dtype`` (integers rounded as in merge)."""
-    P = _paths()
     if dtype is not None and jnp.issubdtype(jnp.dtype(dtype), jnp.integer):
-        return cast_merged(P.dense(w, jnp.float32), dtype, rounding)
-    return P.dense(w, dtype)
+        return cast_merged(protocols.dense(w, jnp.float32), dtype, rounding)
+    return protocols.dense(w, dtype)
 
 
 # ----------------------------------------------------------------------------------------

@@ -476,7 +476,7 @@ def test_save_errors(tmp_path):
                        rules=[lora_jax.Rule(pattern=".*fc1.*", r=2), lora_jax.Rule(pattern=".*")])
     with pytest.raises(ValueError, match="one init_r"):
         peft.save(tmp_path, ada)
-    with pytest.raises(TypeError, match="only LoraWeight or only AdaLoraWeight"):
+    with pytest.raises(TypeError, match="only LoRA or only AdaLoRA"):
         peft.save(tmp_path, {"a": lora["params"]["fc1"], "b": adalora.init(
             params, init_r=2, target_r=1, key=jax.random.key(0))["params"]["fc2"]})
     conv = {"Conv_0": {"kernel": jnp.ones((3, 3, 4, 6))}}
