@@ -318,7 +318,7 @@ def test_thin_under_vmap_of_grad():
 
 def _mask(rng, path, use, shape, keep):
     """The mask apply() draws for the `use`-th use of `path` outside any scan (see
-    transform._use_key); the value checks fail loudly if that derivation changes."""
+    transform.rules.use_key); the value checks fail loudly if that derivation changes."""
     k = jax.random.fold_in(jax.random.fold_in(rng, zlib.crc32(path.encode()) & 0x7FFFFFFF), use)
     return jax.random.bernoulli(k, keep, shape)
 
@@ -609,7 +609,7 @@ def _scan_fns():
 
 
 def test_checkpoint_in_scan_with_dropout_values_and_gradients():
-    # Fails at 157c366: transform._remat's body closed over cfg.rng, inside a scan the step's
+    # Fails at 157c366: the remat rule's body closed over cfg.rng, inside a scan the step's
     # key (a scan-body tracer), and the custom VJP's backward trace leaked it
     # (UnexpectedTracerError).
     plain, ckpt = _scan_fns()

@@ -234,7 +234,10 @@ def test_summary_counts_follow_layout():
     lora = lora_jax.init(params, r=2, key=K(1), layouts=lora_jax.trace(fn, params, ids))
     want = sum(2 * (D + N * H) if p == "q/w" else 0 for p in ["q/w"])
     assert lora["q"]["w"].a.size + lora["q"]["w"].b.size == want
-    assert f"{lora_jax.param_count(lora):,} trainable" in lora_jax.summary(lora, params)
+    s = lora_jax.summary(lora, params)
+    q = next(m for m in s.modules if m.path == "q/w")
+    assert (q.roles, q.kernel_shape, q.params) == ("oio", (N, D, H), want)
+    assert f"{lora_jax.param_count(lora):,} trainable" in str(s)
 
 
 def test_helpers():

@@ -132,9 +132,14 @@ def test_param_count_and_summary():
     assert lora_jax.param_count(lora) == expected
     n_base = sum(x.size for x in jax.tree.leaves(p))
     s = lora_jax.summary(lora, p)
-    assert f"{expected:,} trainable params" in s and f"of {n_base:,} base" in s
-    assert "4 modules" in s and "r=2 x4" in s
-    assert "params/attn/o/kernel: r=2" in lora_jax.summary(lora, p, verbose=True)
+    assert (s.trainable, s.base, s.ranks, s.kind) == (expected, n_base, {2: 4}, "LoRA")
+    o = next(m for m in s.modules if m.path == "params/attn/o/kernel")
+    assert (o.r, o.roles) == (2, "iio")  # (heads, head_dim, d): all but the last are input
+    assert sum(m.params for m in s.modules) == expected
+    # The log line and the verbose listing are rendered from that data.
+    assert f"{expected:,} trainable params" in str(s) and f"of {n_base:,} base" in str(s)
+    assert "4 modules" in str(s) and "r=2 x4" in str(s)
+    assert "params/attn/o/kernel: r=2" in str(lora_jax.summary(lora, p, verbose=True))
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -1,0 +1,134 @@
+"""``init``: a LoRA tree for a parameter tree, with PEFT's init schemes and PiSSA.
+
+>>> import jax, jax.numpy as jnp
+>>> lora = init({"w": {"kernel": jnp.ones((4, 3))}}, r=2, key=jax.random.key(0))
+>>> lora["w"]["kernel"].a.shape, float(abs(lora["w"]["kernel"].b).sum())
+((4, 2), 0.0)
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax import layouts as Lay
+from lora_jax import paths as P
+from lora_jax import protocols
+from lora_jax import validation as V
+from lora_jax.leaves import LoraWeight, from_leaves
+from lora_jax.targets import resolve_targets
+
+PyTree = Any
+
+
+INIT_SCHEMES = ("default", "gaussian", "pissa", "zeros")
+
+
+def init(
+    params: PyTree,
+    r: int = 8,
+    *,
+    key: jax.Array,
+    alpha: float | None = None,
+    targets: P.Pattern | None = None,
+    exclude: P.Pattern | None = None,
+    rules: Sequence[P.Rule] | None = None,
+    init: str = "default",
+    rslora: bool = False,
+    dtype=jnp.float32,
+    in_axes: int | Mapping[str, int] | None = None,
+    stack_axes: int | Mapping[str, int] | None = None,
+    dropout: float = 0.0,
+    layouts: Mapping[str, Any] | None = None,
+) -> dict:
+    """Creates a LoRA tree for ``params``.
+
+    Args:
+      params: a parameter pytree (Linen variables, NNX ``State``, or any nested dict).
+      r: default rank.
+      key: a PRNG key; each leaf uses ``fold_in(key, crc32(path))``.
+      alpha: default LoRA alpha; ``None`` means ``alpha = r`` (scale 1).
+      targets: regex or list of regexes (``re.fullmatch`` over '/'-joined paths) choosing the
+        adapted parameters. Default: with ``layouts``, every weight the model reads with a
+        matmul (not embeddings); without, every float weight named ``kernel``, ``w`` or
+        ``weight`` with two or more axes.
+      exclude: regex or list of regexes removed from the targets.
+      rules: :class:`Rule` list with per-module rank/alpha; the first matching rule wins.
+        Without ``targets``, only kernels matched by some rule are adapted.
+      init: ``"default"`` (PEFT: A kaiming-uniform with a=sqrt(5), B zeros), ``"gaussian"``
+        (PEFT: A ~ N(0, (1/r)^2), B zeros), ``"pissa"`` (A, B from the top-r SVD of the
+        kernel; use ``unmerge(params, lora)`` as the frozen base so the model is unchanged),
+        or ``"zeros"`` (both zero; for tests and loading).
+      rslora: scale by ``alpha/sqrt(r)`` instead of ``alpha/r``.
+      dtype: dtype of the factors (float32 by default, whatever the base dtype).
+      in_axes: number of leading kernel axes that are the input, as an int or
+        ``{regex: int}``; defaults follow Flax (see :func:`lora_jax.paths.default_in_axes`).
+      stack_axes: leading axes that stack layers (``nn.scan`` params), int or ``{regex: int}``.
+      dropout: PEFT's ``lora_dropout`` on the LoRA input path (needs ``lora_rng`` at apply).
+      layouts: from :func:`lora_jax.trace` (``trace(model.apply, params, x)``): each
+        target's input, output and stack axes as the model uses them, wherever they sit in
+        the kernel (einsum attention, fused projections, block-diagonal weights). Without
+        it, layouts follow ``in_axes``/``stack_axes`` and Flax's naming conventions.
+
+    Returns:
+      A nested dict with a :class:`LoraWeight` at every targeted path.
+
+    Raises:
+      ValueError: a pattern matches nothing, a rank exceeds ``min(in, out)``, a kernel has
+        NaN/Inf, or an unknown init scheme. TypeError: a non-float target.
+
+    >>> import jax, jax.numpy as jnp, lora_jax
+    >>> p = {"attn": {"q": {"kernel": jnp.ones((8, 8))}}, "mlp": {"kernel": jnp.ones((8, 4))}}
+    >>> lora = lora_jax.init(p, key=jax.random.key(0),
+    ...                      rules=[lora_jax.Rule(pattern=".*attn.*", r=4, alpha=8)])
+    >>> sorted(lora_jax.lora.leaves(lora)), lora["attn"]["q"]["kernel"].scale
+    (['attn/q/kernel'], 2.0)
+    """
+    if init not in INIT_SCHEMES:
+        raise ValueError(f"unknown init scheme {init!r}; expected one of {INIT_SCHEMES}")
+    r, alpha, dropout, in_axes, stack_axes = V.init_args(
+        "init", params, r, key, alpha, targets, exclude, rules, dtype, dropout, in_axes,
+        stack_axes, layouts=layouts)
+    spec = resolve_targets(
+        params, r=r, alpha=alpha, targets=targets, exclude=exclude, rules=rules,
+        in_axes=in_axes, stack_axes=stack_axes, layouts=layouts,
+    )
+    out = {}
+    for path, s in spec.items():
+        k = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+        out[path] = _init_leaf(k, s, init, rslora, dtype, dropout, path)
+    return from_leaves(out)
+
+
+def _init_leaf(key, s, scheme, rslora, dtype, dropout, path) -> LoraWeight:
+    shape, rr, roles = s["shape"], s["r"], s["roles"]
+    stack, in_dims, out_dims = Lay.split(roles, shape)
+    n_in, n_out = math.prod(in_dims), math.prod(out_dims)
+    a_shape, b_shape = stack + in_dims + (rr,), stack + (rr,) + out_dims
+    canonical = roles == Lay.canonical(len(shape), len(in_dims), len(stack))
+    meta = dict(alpha=s["alpha"], rslora=rslora, in_axes=len(in_dims), stack_axes=len(stack),
+                dropout=dropout, roles="" if canonical else roles)
+    if scheme == "default":
+        # torch kaiming_uniform_(a=sqrt(5)) on lora_A (r, in): bound = 1/sqrt(fan_in).
+        bound = 1.0 / math.sqrt(n_in)
+        # Drawn flat, then reshaped: one compiled sampler per size, not per shape.
+        a = jax.random.uniform(key, (math.prod(a_shape),), dtype, -bound, bound).reshape(a_shape)
+        b = jnp.zeros(b_shape, dtype)
+    elif scheme == "gaussian":
+        a = jax.random.normal(key, (math.prod(a_shape),), dtype).reshape(a_shape) / rr  # PEFT
+        b = jnp.zeros(b_shape, dtype)
+    elif scheme == "zeros":
+        a, b = jnp.zeros(a_shape, dtype), jnp.zeros(b_shape, dtype)
+    else:  # pissa (Meng et al. 2024; PEFT init_lora_weights="pissa")
+        w = jnp.transpose(protocols.dense(s["leaf"], jnp.float32), Lay.to_canonical(roles))
+        u, sv, vt = jnp.linalg.svd(w.reshape(stack + (n_in, n_out)), full_matrices=False)
+        tmp = LoraWeight(a=jnp.zeros(a_shape), b=jnp.zeros(b_shape), **meta)
+        root = jnp.sqrt(sv[..., :rr] / tmp.scale)
+        a = (u[..., :, :rr] * root[..., None, :]).reshape(a_shape).astype(dtype)
+        b = (root[..., :, None] * vt[..., :rr, :]).reshape(b_shape).astype(dtype)
+    return LoraWeight(a=a, b=b, **meta)
