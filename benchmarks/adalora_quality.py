@@ -22,7 +22,9 @@ import optax
 sys.path.insert(0, os.path.dirname(__file__))
 import lora_jax  # noqa: E402
 from common import fmt_table  # noqa: E402
-from lora_jax import adalora, demo  # noqa: E402
+from lora_jax import adalora  # noqa: E402
+from lora_jax.demo.data import batches  # noqa: E402
+from lora_jax.demo.gpt import pretrained_gpt  # noqa: E402
 from lora_jax.models.gpt import loss_fn  # noqa: E402
 
 
@@ -32,7 +34,7 @@ def main(argv=None):
     ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=3e-3)
     args = ap.parse_args(argv)
-    model, params, data = demo.pretrained_gpt(steps=args.pretrain_steps, lr=args.lr)
+    model, params, data = pretrained_gpt(steps=args.pretrain_steps, lr=args.lr)
     cfg = model.cfg
     ad_train, test = data["adapt_train"], data["adapt_test"]
     tx = optax.adamw(args.lr)
@@ -57,7 +59,7 @@ def main(argv=None):
                 l, s = alloc.update(l, s, g, t)
             return l, o, s
 
-        o, data = tx.init(tree), demo.batches(ad_train, 16, cfg.seq, 1)
+        o, data = tx.init(tree), batches(ad_train, 16, cfg.seq, 1)
         for i in range(T):
             tree, o, s = step(tree, o, s, next(data), jnp.int32(i))
         return tree, s

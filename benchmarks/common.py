@@ -7,6 +7,8 @@ import time
 
 import jax
 
+from lora_jax.demo.loop import peak_bytes
+
 
 def compiled_stats(jitted, *args):
     """(compiled, flops, peak bytes) of a jitted function for these arguments."""
@@ -15,12 +17,7 @@ def compiled_stats(jitted, *args):
     if isinstance(cost, (list, tuple)):
         cost = cost[0]
     flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-    mem = compiled.memory_analysis()
-    peak = float("nan")
-    if mem is not None:
-        peak = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
-                - mem.alias_size_in_bytes)
-    return compiled, flops, peak
+    return compiled, flops, peak_bytes(compiled)
 
 
 def time_steps(step, state, n_warmup=2, n_steps=7, extra=()):

@@ -85,9 +85,11 @@ def step_rows(name, cfg, batch, steps, compute_dtype=None):
 
 
 def quality(steps=150, pretrain_steps=300):
-    from lora_jax import demo
+    from lora_jax.demo.data import batches
+    from lora_jax.demo.gpt import pretrained_gpt
+    from lora_jax.demo.loop import train
 
-    model, params, data = demo.pretrained_gpt(steps=pretrain_steps)
+    model, params, data = pretrained_gpt(steps=pretrain_steps)
     ad_train, test, seq = data["adapt_train"], data["adapt_test"], model.cfg.seq
     tx = optax.adamw(3e-3)
 
@@ -107,9 +109,8 @@ def quality(steps=150, pretrain_steps=300):
         lora = lora_jax.init(params, r=8, alpha=16, key=jax.random.key(2))
         before = float(np.mean([ev(lora, t) for t in test]))
         lo = lambda l, tok: loss_fn(f(base, l, tok), tok)  # noqa: E731
-        (lora, _), _, _ = demo.train(make_step(lo), [lora, tx.init(lora)],
-                                     demo.batches(ad_train, 16, seq, 1), steps, label,
-                                     quiet=True)
+        (lora, _), _, _ = train(make_step(lo), [lora, tx.init(lora)],
+                                batches(ad_train, 16, seq, 1), steps, label, quiet=True)
         after = float(np.mean([ev(lora, t) for t in test]))
         rows.append([label, f"{before:.4f}", f"{after:.4f}"])
     return rows

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax
-from lora_jax import demo_llm
+from lora_jax.demo import llm
 from lora_jax.models import gguf
 
 
@@ -44,7 +44,7 @@ def main(argv=None):
     rows = []
     for blocks in ("input", "row-major"):
         err = quant_error(params, blocks)
-        r = demo_llm.main("qlora", args.steps, quiet=True, blocks=blocks, gen_tokens=1)
+        r = llm.main("qlora", args.steps, quiet=True, blocks=blocks, gen_tokens=1)
         rows.append((blocks, err, r["ppl_original"], r["ppl_before"], r["ppl_after"],
                      r["losses"][0], r["losses"][-1], r["step_s"]))
         jax.clear_caches()

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 
 import lora_jax
+from conftest import f64, max_rel_err, randomize_np
 from styles import gemma_style, griffin_style, mlp_style, nnx_style, scan_style
 
 R = 4  # > 2: under a first-axis-is-input reading, kv_einsum (2, K, D, H) could not take it
@@ -175,31 +176,6 @@ def np_delta(a, b, roles, scale):
                              np.asarray(b, np.float64))
 
 
-def randomize(tree, seed, scale=0.3):
-    """Every float array of a LoRA/AdaLoRA tree gets fresh non-zero values (B and E too)."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda x: jnp.asarray(np.asarray(x) + scale * rng.standard_normal(
-        x.shape), x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
-def f64(tree):
-    """A float64 copy of a concrete tree (call under jax.enable_x64)."""
-    return jax.tree.map(lambda x: jnp.asarray(np.asarray(x, np.float64)) if jnp.issubdtype(
-        x.dtype, jnp.floating) else x, tree)
-
-
-def max_rel_err(a_tree, b_tree):
-    """max |a - b| / max |b| over matching leaves, in float64."""
-    la, lb = jax.tree.leaves(a_tree), jax.tree.leaves(b_tree)
-    assert len(la) == len(lb)
-    errs = [0.0]
-    for a, b in zip(la, lb):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        assert a.shape == b.shape, (a.shape, b.shape)
-        errs.append(float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30)))
-    return max(errs)
-
-
 def assert_fast(rep, paths):
     """No fallback anywhere, and every listed weight is used by a fast dot_general."""
     assert not rep.fallbacks, str(rep)
@@ -231,7 +207,7 @@ def adapters(style):
     layouts = traced(style)
     lora = jax.jit(lambda p: lora_jax.init(p, r=R, alpha=2.0 * R, key=_key(1),
                                            layouts=layouts))(params)
-    return randomize(lora, seed=100 + STYLES.index(style))
+    return randomize_np(lora, seed=100 + STYLES.index(style))
 
 
 @functools.cache
@@ -454,7 +430,7 @@ def test_rule_makes_the_fused_axis_a_stack_of_separate_adapters(style, fused):
     rules = [lora_jax.Rule(pattern=rf".*/{fused}/w", roles="soio"), lora_jax.Rule(pattern=".*")]
     lora = jax.jit(lambda p: lora_jax.init(p, r=R, alpha=2.0 * R, key=_key(2),
                                            layouts=traced(style), rules=rules))(params)
-    lora = randomize(lora, seed=7)
+    lora = randomize_np(lora, seed=7)
     leaves = flat(lora)
     assert set(leaves) == set(EXPECTED[style])  # the catch-all rule keeps the others
     leaf, shape = leaves[path], tuple(flat(params)[path].shape)
@@ -483,7 +459,7 @@ def test_adalora_by_use_follows_the_layouts():
     fn, params, args = built(style)
     ada = jax.jit(lambda p: lora_jax.adalora.init(p, init_r=6, target_r=4, key=_key(3),
                                                   layouts=traced(style)))(params)
-    ada = randomize(ada, seed=11)  # E is zero at init
+    ada = randomize_np(ada, seed=11)  # E is zero at init
     leaves = flat(ada)
     pflat = flat(params)
     assert set(leaves) == set(EXPECTED[style])
@@ -505,7 +481,7 @@ def test_targeted_tied_embedding_takes_the_gather_and_the_transposed_fast_path()
     targets = [r".*_einsum/w", r".*/linear/w", r".*/input_embedding"]
     lora = jax.jit(lambda p: lora_jax.init(p, r=R, key=_key(4), layouts=traced("gemma_gqa"),
                                            targets=targets))(params)
-    lora = randomize(lora, seed=13)
+    lora = randomize_np(lora, seed=13)
     leaf = flat(lora)[table]
     assert (leaf.a.shape, leaf.b.shape) == ((64, R), (R, 32))  # A over the vocabulary
     rep = lora_jax.report(fn, params, lora, *args)

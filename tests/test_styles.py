@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import lora_jax
-from conftest import max_rel_err
+from conftest import max_rel_err, randomize_np
 from styles import gemma_style, griffin_style, mlp_style, nnx_style, scan_style
 
 GQA = gemma_style.TransformerConfig()
@@ -39,13 +39,6 @@ MAKERS = {
 def built(style):
     # An RBG key: threefry's compile would dominate initialising these small models.
     return MAKERS[style](jax.random.key(0, impl="unsafe_rbg"))
-
-
-def randomize(tree, seed, scale=0.1):
-    """conftest.randomize with NumPy draws (an eager jax op of a new shape costs a compile)."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda x: jnp.asarray(np.asarray(x) + scale * rng.standard_normal(
-        x.shape), x.dtype), tree)
 
 
 def flat(tree):
@@ -215,7 +208,7 @@ def test_todays_apply_with_name_targets_equals_the_merged_model(style):
     stack = {".*/layers/.*": 1} if style == "scan" else None
     lora = jax.jit(lambda p: lora_jax.init(p, r=2, key=jax.random.key(1, impl="unsafe_rbg"),
                                            targets=NAME_TARGETS[style], stack_axes=stack))(params)
-    lora = randomize(lora, seed=2)
+    lora = randomize_np(lora, seed=2, scale=0.1)
     want = {p for p in SHAPES[style] if "embed" not in p and not p.endswith(("conv_1d/w", "/b"))}
     assert set(lora_jax.lora.leaves(lora)) == want
     out = jax.jit(lora_jax.apply(fn))(params, lora, *args)

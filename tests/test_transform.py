@@ -13,13 +13,8 @@ import pytest
 from flax import nnx
 
 import lora_jax
-from conftest import max_rel_err, randomize
+from conftest import f64, max_rel_err, randomize
 from lora_jax.models.gpt import GPT, GPTConfig, loss_fn
-
-
-def f64(tree):
-    return jax.tree.map(lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating)
-                        else x, tree)
 
 
 def check_against_merged(fn, params, lora, *args, tol=1e-5, gtol=1e-4, strict=True):

@@ -1,0 +1,49 @@
+"""The demos: what ``python -m lora_jax.demo`` runs, and the data and loop the benchmarks share.
+
+* :mod:`~lora_jax.demo.data`: texts that ship with Python, as byte tokens and batches;
+* :mod:`~lora_jax.demo.loop`: the small training loop, compiled-memory readout, saving;
+* :mod:`~lora_jax.demo.gpt`: the main job (the built-in GPT: full FT, LoRA, AdaLoRA, QLoRA);
+* :mod:`~lora_jax.demo.llm`: SmolLM2-135M fine-tuned with QLoRA or LoRA;
+* :mod:`~lora_jax.demo.cli`: the command line (``python -m lora_jax.demo``).
+
+The demos need tqdm and matplotlib, which ``lora_jax`` itself does not: install them with
+``pip install "lora-jax[demo]"``.
+"""
+
+from lora_jax.demo.cli import main
+from lora_jax.demo.data import ADAPT_MODULES
+from lora_jax.demo.data import adapt_text
+from lora_jax.demo.data import batches
+from lora_jax.demo.data import eval_batches
+from lora_jax.demo.data import pretrain_text
+from lora_jax.demo.data import split_tokens
+from lora_jax.demo.gpt import METHODS
+from lora_jax.demo.gpt import plot_losses
+from lora_jax.demo.gpt import pretrained_gpt
+from lora_jax.demo.gpt import run
+from lora_jax.demo.gpt import save_adapters
+from lora_jax.demo.loop import make_step
+from lora_jax.demo.loop import peak_bytes
+from lora_jax.demo.loop import require
+from lora_jax.demo.loop import save_tree
+from lora_jax.demo.loop import train
+
+__all__ = [
+    "ADAPT_MODULES",
+    "METHODS",
+    "adapt_text",
+    "batches",
+    "eval_batches",
+    "main",
+    "make_step",
+    "peak_bytes",
+    "plot_losses",
+    "pretrain_text",
+    "pretrained_gpt",
+    "require",
+    "run",
+    "save_adapters",
+    "save_tree",
+    "split_tokens",
+    "train",
+]
