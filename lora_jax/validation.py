@@ -346,27 +346,3 @@ def dense_as(w: Any, dtype: Any, rounding: str | None) -> jax.Array:
     if dtype is not None and jnp.issubdtype(jnp.dtype(dtype), jnp.integer):
         return cast_merged(protocols.dense(w, jnp.float32), dtype, rounding)
     return protocols.dense(w, dtype)
-
-
-# ----------------------------------------------------------------------------------------
-# AdaLoRA state
-
-
-def allocator_state(paths: list[str], ws: list, state: Any, where: str) -> None:
-    """``state`` is an allocator state whose masks fit the AdaLoRA leaves ``ws`` at ``paths``."""
-    mask = getattr(state, "mask", None)
-    if mask is None:
-        raise TypeError(f"{where}: state is a {_kind(state)}, expected the AllocatorState from "
-                        "Allocator.init/update for this AdaLoRA tree")
-    got = dict(_paths().flatten(mask))
-    extra, missing = sorted(set(got) - set(paths)), sorted(set(paths) - set(got))
-    if extra or missing:
-        raise ValueError(f"{where}: state.mask does not fit the AdaLoRA tree: it has masks for "
-                         f"{extra or 'no'} extra and lacks {missing or 'no'} of the tree's paths; "
-                         "was the state made for another tree?")
-    for path, w in zip(paths, ws):
-        m = got[path]
-        if tuple(getattr(m, "shape", ())) != tuple(w.e.shape):
-            raise ValueError(f"{where}: state.mask at {path!r} has shape "
-                             f"{tuple(getattr(m, 'shape', ()))}, the tree's e has shape "
-                             f"{tuple(w.e.shape)}; was the state made for another tree?")

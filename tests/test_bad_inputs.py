@@ -28,6 +28,7 @@ from lora_jax import adalora
 from lora_jax import checkpoint as C
 from lora_jax import peft
 from lora_jax import quant as Q
+from lora_jax.quant import bnb
 from lora_jax import sharding as S
 from lora_jax.models import gguf as G
 
@@ -178,7 +179,7 @@ def test_quantize_float64_beyond_float32_range_says_so():
 
 def _reference_dequantize(x, fmt, block):
     """float64 block quantization by the book: nearest code of x / absmax, times absmax."""
-    code = np.sort(Q._CODES[fmt].astype(np.float64))
+    code = np.sort(bnb.CODES[fmt].astype(np.float64))
     if fmt == "int4":
         code = code[1:]  # -8/7 is never produced
     blocks = x.astype(np.float64).reshape(-1, block)

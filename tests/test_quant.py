@@ -11,6 +11,7 @@ import pytest
 import lora_jax
 
 from lora_jax import quant
+from lora_jax.quant import bnb, kernels
 from lora_jax.quant import QuantizedArray, dequantize_tree, is_quantized, quantize
 from lora_jax.quant import quantize_array, quantized_bytes
 
@@ -31,7 +32,7 @@ def jit_quantize(x, fmt, **kw):
 
 
 def test_dynamic_map_equals_bitsandbytes():
-    np.testing.assert_array_equal(quant._dynamic_map().view(np.uint32),
+    np.testing.assert_array_equal(bnb.dynamic_map().view(np.uint32),
                                   BNB["dynamic_map_signed"].view(np.uint32))
 
 
@@ -67,7 +68,7 @@ def test_matches_bitsandbytes(name, fmt, dq):
 
 @functools.cache
 def _cpp_table():
-    code = quant._dynamic_map()
+    code = bnb.dynamic_map()
     mid = F32(0.5) * (code[:-1] + code[1:])
     grid = F32(-1) + (F32(2) * np.arange(65536, dtype=F32)) / F32(65535)
     table, idx = np.zeros(65536, np.int64), 0
@@ -127,12 +128,12 @@ def test_blocks_follow_traced_layout_of_heads_first_kernel():
 
 
 def test_dynamic_code_lookup_matches_cpp_kernel():
-    thresholds = quant._dynamic_thresholds()
+    thresholds = bnb.dynamic_thresholds()
     rng = np.random.default_rng(1)
     near = np.concatenate([np.nextafter(thresholds, -2), thresholds, np.nextafter(thresholds, 2)])
     v = np.concatenate([rng.uniform(-1, 1, 20000), rng.normal(0, 1e-3, 20000), near,
                         [-1.0, 0.0, 1.0]]).astype(F32)
-    ours = np.asarray(jax.jit(quant._dynamic_codes)(v))
+    ours = np.asarray(jax.jit(kernels.dynamic_codes)(v))
     np.testing.assert_array_equal(ours, _cpp_dynamic_codes(v))
 
 
@@ -180,7 +181,7 @@ def _torch_sum_avx2(x):
 @pytest.mark.parametrize("n", [1, 3, 5, 8, 26, 128, 513, 9000, 140_000])
 def test_offset_follows_torch_summation_order(n):
     x = np.abs(np.random.default_rng(n).standard_normal(n)).astype(F32) * F32(3)
-    ours = np.asarray(jax.jit(quant._torch_mean)(jnp.asarray(x)))
+    ours = np.asarray(jax.jit(bnb.torch_mean)(jnp.asarray(x)))
     assert ours == _torch_sum_avx2(x) / F32(n)
 
 
@@ -248,7 +249,7 @@ def test_nibble_order_hand_made():
     hand = QuantizedArray(jnp.array([0x0F, 0x8E], jnp.uint8), jnp.array([2.0], jnp.float32),
                           None, None, shape=(3,), dtype_name="float32", block_size=64,
                           format="nf4", double_quant=False)
-    expect = 2.0 * quant._CODES["nf4"][[0, 15, 8]]
+    expect = 2.0 * bnb.CODES["nf4"][[0, 15, 8]]
     np.testing.assert_array_equal(np.asarray(hand.dequantize()), expect)
 
 
@@ -268,7 +269,7 @@ def test_double_quant_several_groups():
     np.testing.assert_array_equal(np.asarray(q.absmax2), absmax2)
     codes = _cpp_dynamic_codes(v * (F32(1) / absmax2)[:, None]).reshape(-1)[:785]
     np.testing.assert_array_equal(np.asarray(q.absmax), codes)
-    err = np.abs(np.asarray(quant._block_absmax(q.absmax, q.absmax2, q.offset)) - absmax)
+    err = np.abs(np.asarray(kernels.block_absmax(q.absmax, q.absmax2, q.offset)) - absmax)
     assert err.max() <= 0.01 * np.abs(v).max()
 
 

@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 import lora_jax
 from lora_jax import adalora
 from lora_jax import sharding as S
+from lora_jax.sharding import plumbing
 
 MESHES = {"8": ((8,), ("data",)), "2x4": ((2, 4), ("data", "model")),
           "4x2": ((4, 2), ("data", "model"))}
@@ -224,13 +225,13 @@ def _kernel_shapes(base, storage_or_logical, mesh):
     """Every per-device shape a targeted kernel can take (each sharded axis gathered or not)."""
     import itertools
 
-    flat = S._spec_map(storage_or_logical)
+    flat = plumbing.spec_map(storage_or_logical)
     out = set()
     for path, x in lora_jax.paths.flatten(base):
         if not path.endswith("kernel") or len(x.shape) != 2:
             continue
         opts = []
-        for d, e in enumerate(S._entries(flat.get(path, P()), 2, path)):
+        for d, e in enumerate(plumbing.padded_entries(flat.get(path, P()), 2, path)):
             axes = () if e is None else (e,) if isinstance(e, str) else e
             n = int(np.prod([mesh.shape[a] for a in axes]))
             opts.append({x.shape[d], x.shape[d] // n})
