@@ -25,8 +25,8 @@ have none.
 
 The files, one idea each:
 
-- ``mesh.py``: :func:`mesh`, :func:`named`, :func:`device_put` and the checks against a mesh;
-- ``specs.py``: adapter specs, :func:`specs` and :func:`state_specs`;
+- ``placement.py``: :func:`mesh`, :func:`named`, :func:`device_put` and the checks against a mesh;
+- ``adapter_specs.py``: adapter specs, :func:`specs` and :func:`state_specs`;
 - ``storage.py``: :func:`storage_specs`, the arrays a base tree actually stores;
 - ``policies.py``: base specs for common layouts, :func:`fsdp` and :func:`tensor_parallel`;
 - ``hlo.py``: :func:`collectives`, what a compiled program communicates;
@@ -35,22 +35,22 @@ The files, one idea each:
 
 from lora_jax.sharding.hlo import Collective
 from lora_jax.sharding.hlo import collectives
-from lora_jax.sharding.mesh import device_put
-from lora_jax.sharding.mesh import mesh
-from lora_jax.sharding.mesh import named
+from lora_jax.sharding.placement import device_put
+from lora_jax.sharding.placement import mesh
+from lora_jax.sharding.placement import named
 from lora_jax.sharding.policies import COLUMN_PARALLEL
 from lora_jax.sharding.policies import ROW_PARALLEL
 from lora_jax.sharding.policies import fsdp
 from lora_jax.sharding.policies import tensor_parallel
-from lora_jax.sharding.specs import POLICIES
-from lora_jax.sharding.specs import specs
-from lora_jax.sharding.specs import state_specs
+from lora_jax.sharding.adapter_specs import POLICIES
+from lora_jax.sharding.adapter_specs import specs
+from lora_jax.sharding.adapter_specs import state_specs
 from lora_jax.sharding.storage import storage_specs
 
 # Transitional: checkpoint.py reads these two by their old private names; the public ones are
-# check_divides in sharding/mesh.py and array_fields in sharding/specs.py.
-from lora_jax.sharding.mesh import check_divides as _check_divides  # noqa: F401
-from lora_jax.sharding.specs import array_fields as _fields  # noqa: F401
+# check_divides in sharding/placement.py and array_fields in sharding/adapter_specs.py.
+from lora_jax.sharding.placement import check_divides as _check_divides  # noqa: F401
+from lora_jax.sharding.adapter_specs import array_fields as _fields  # noqa: F401
 
 __all__ = [
     "COLUMN_PARALLEL",

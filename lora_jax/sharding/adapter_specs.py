@@ -17,7 +17,7 @@ from jax.sharding import Mesh, PartitionSpec
 from lora_jax import layouts as Lay
 from lora_jax import lora as L
 from lora_jax import paths as P
-from lora_jax.sharding.mesh import check_divides
+from lora_jax.sharding.placement import check_divides
 from lora_jax.sharding.plumbing import canonical
 from lora_jax.sharding.plumbing import padded_entries
 from lora_jax.sharding.plumbing import is_spec
