@@ -1,4 +1,4 @@
-"""Tests for lora_jax/checkpoint.py.
+"""Tests for lora_jax/checkpoint/.
 
 Single-device round trips run in-process. Two things run in child processes started from this
 file (``python tests/test_checkpoint.py <mode> ...``): a save killed with SIGKILL half-way, and
@@ -128,8 +128,8 @@ def test_load_adapter_rejects_a_checkpoint_that_does_not_fit(tmp_path):
         C.load_adapter(tmp_path / "a", like=fewer)
     with pytest.raises(ValueError, match=r"does not fit the base model.*params/attn/o/kernel"):
         C.load_adapter(tmp_path / "a", base=_params(d=16))
-    with pytest.raises(ValueError, match=r"does not fit the base model: it adapts "
-                                         r".params/mlp/down/kernel., which the base lacks"):
+    with pytest.raises(ValueError, match=r"does not fit the base model: LoRA tree has "
+                                         r".params/mlp/down/kernel., which the base tree lacks"):
         C.load_adapter(tmp_path / "a", base={"params": {"attn": _params()["params"]["attn"]}})
     with pytest.raises(FileNotFoundError):
         C.load_adapter(tmp_path / "missing")
@@ -679,7 +679,7 @@ def test_registered_types_round_trip_and_unregistered_ones_are_refused_at_save(t
     with pytest.raises(TypeError, match="expected a NamedTuple or dataclass type"):
         C.register(dict)
     with pytest.raises(ValueError, match="already stands for"):
-        C.register(Config, name=C._codec._cls_name(Counter))
+        C.register(Config, name=C.codec._cls_name(Counter))
 
 
 def test_a_new_static_field_needs_no_codec_change_and_old_files_still_load(tmp_path):

@@ -295,7 +295,7 @@ def test_rank_pattern_suffix_ambiguity(tmp_path):
                                            lora_jax.Rule(pattern=".*", r=4)]))
     cfg = peft.save(tmp_path, lora)
     for name, r in (("fc1", 4), ("fc2", 2), ("block.fc2", 4)):
-        key = peft._pattern_key(list(cfg["rank_pattern"]), name)
+        key = peft.config.pattern_key(list(cfg["rank_pattern"]), name)
         assert cfg["rank_pattern"].get(key, cfg["r"]) == r, name
     _assert_same_tree(peft.load(tmp_path, p), lora)
 

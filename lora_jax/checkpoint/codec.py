@@ -18,7 +18,7 @@ calls what a file names.
 ...        Reader("example"))
 Traceback (most recent call last):
 ...
-lora_jax.codec.CheckpointError: example: metadata node '<root>': names the type 'os:system', ...
+lora_jax.checkpoint.codec.CheckpointError: example: metadata node '<root>': names the type ...
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 
 from lora_jax import adalora as _ada
 from lora_jax import lora as L
-from lora_jax import paths as P
+from lora_jax.paths import path_str
 from lora_jax import quant as _quant
 
 PyTree = Any
@@ -105,8 +105,13 @@ def register(cls: type, *, name: str | None = None) -> type:
     return cls
 
 
-for _cls in (L.LoraWeight, _ada.AdaLoraWeight, _quant.QuantizedArray, _ada.AllocatorState):
-    register(_cls)
+# The library's own types, under the names checkpoints have always stored for them: fixed, so
+# that files stay readable when a class moves to another module.
+for _name, _cls in (("lora_jax.lora:LoraWeight", L.LoraWeight),
+                    ("lora_jax.adalora:AdaLoraWeight", _ada.AdaLoraWeight),
+                    ("lora_jax.quant:QuantizedArray", _quant.QuantizedArray),
+                    ("lora_jax.adalora:AllocatorState", _ada.AllocatorState)):
+    register(_cls, name=_name)
 
 
 def _optax_types() -> dict[str, type]:
@@ -175,6 +180,13 @@ def is_key(x) -> bool:
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def array_fields(obj: Any) -> dict[str, Any]:
+    """A dataclass's pytree fields (an adapter leaf's arrays) by name, in declaration order:
+    the order in which :func:`encode` stores them."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)
+            if f.init and f.metadata.get("pytree_node", True)}
+
+
 def _static_json(v, where: str):
     if isinstance(v, (tuple, list)):
         return {"tuple": [_static_json(x, where) for x in v]}
@@ -230,7 +242,7 @@ def encode(tree: PyTree, arrays: list, names: dict[type, str], path: str = "") -
     pairs, _ = jax.tree_util.tree_flatten_with_path(tree)
     start = len(arrays)
     arrays.extend(x for _, x in pairs)
-    return {"t": "opaque", "cls": _cls_name(type(tree)), "paths": [P.path_str(p) for p, _ in pairs],
+    return {"t": "opaque", "cls": _cls_name(type(tree)), "paths": [path_str(p) for p, _ in pairs],
             "i": list(range(start, start + len(pairs)))}
 
 

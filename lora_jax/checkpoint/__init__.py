@@ -1,0 +1,71 @@
+"""Orbax checkpoints: adapter-only directories, and the full train state per step.
+
+Both keep arrays in Orbax's array format and everything else (leaf kinds, ranks, alphas,
+targets, the structure of optimizer and AdaLoRA state) as JSON beside them, in one Orbax
+checkpoint, so loading needs no arguments and no pickles. The JSON names the types of the
+pytree nodes it stores; reading rebuilds only types in an explicit registry (the library's
+adapter leaves, ``QuantizedArray``, the AdaLoRA allocator state, optax's states, and what a
+program adds with :func:`register`), so a checkpoint never makes the reader build or call
+anything else. The base model is never written: only adapter trees are accepted.
+
+Crashes and re-saves:
+
+* Orbax writes each checkpoint to a temporary directory and renames it into place once
+  complete: a save that dies half-way leaves the previous checkpoints as they were.
+* :func:`save_adapter` with ``overwrite=True`` writes the new adapter beside the old one
+  (``<path>.incoming-<sequence>``) and then swaps it in. Whatever point a crash stops it at,
+  the next :func:`save_adapter`, :func:`load_adapter` or :func:`adapter_info` on that path
+  finishes the job: the newest complete adapter wins, and the leftovers (``.incoming-*``,
+  ``.old-*``, ``*.orbax-checkpoint-tmp*``) are removed. One writer per path at a time.
+* :meth:`Manager.save` never skips a step silently: saving a step that exists, or one not
+  above the latest, raises unless the :class:`Manager` was opened with
+  ``on_existing="overwrite"``, which first drops every step from that one up (the abandoned
+  later steps of a run resumed from an earlier step).
+
+The package: ``codec.py`` (pytrees as JSON plus arrays, and the registry of types a file may
+name), ``files.py`` (directories on disk: atomic replacement, crash recovery, what a folder
+is, :func:`disk_size`), ``adapter.py`` (adapter metadata, fit checks, :func:`save_adapter`,
+:func:`load_adapter`, :func:`adapter_info`), ``restore.py`` (abstract trees and shardings for
+restoring onto a mesh) and ``manager.py`` (:class:`Manager`).
+
+>>> import os, tempfile, jax, jax.numpy as jnp, lora_jax
+>>> params = {"dense": {"kernel": jnp.ones((16, 8))}}
+>>> lora = lora_jax.init(params, r=4, alpha=8, key=jax.random.key(0))
+>>> path = os.path.join(tempfile.mkdtemp(), "adapter")
+>>> nbytes = save_adapter(path, lora)
+>>> back = load_adapter(path)
+>>> back["dense"]["kernel"].scale, adapter_info(path)["targets"]
+(2.0, ['dense/kernel'])
+"""
+
+from __future__ import annotations
+
+from lora_jax.checkpoint import codec
+from lora_jax.checkpoint.adapter import FORMAT
+from lora_jax.checkpoint.adapter import FORMAT_VERSION
+from lora_jax.checkpoint.adapter import adapter_info
+from lora_jax.checkpoint.adapter import load_adapter
+from lora_jax.checkpoint.adapter import save_adapter
+from lora_jax.checkpoint.codec import CheckpointError
+from lora_jax.checkpoint.codec import register
+from lora_jax.checkpoint.files import disk_size
+from lora_jax.checkpoint.manager import ON_EXISTING
+from lora_jax.checkpoint.manager import Manager
+from lora_jax.checkpoint.manager import StepExistsError
+from lora_jax.checkpoint.manager import TrainState
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "ON_EXISTING",
+    "CheckpointError",
+    "Manager",
+    "StepExistsError",
+    "TrainState",
+    "adapter_info",
+    "codec",
+    "disk_size",
+    "load_adapter",
+    "register",
+    "save_adapter",
+]

@@ -1,0 +1,352 @@
+"""Per-step checkpoints of the train state: :class:`Manager`, over Orbax's CheckpointManager.
+
+A step holds the adapter (arrays and the metadata of :mod:`lora_jax.checkpoint.adapter`) and,
+optionally, the optimizer state, the AdaLoRA allocator state and PRNG keys, each stored as
+arrays plus the JSON of :mod:`lora_jax.checkpoint.codec`. :meth:`Manager.save` never skips a
+step silently: saving a step that exists, or one not above the latest, raises
+:class:`StepExistsError` unless the Manager was opened with ``on_existing="overwrite"``, which
+first drops every step from that one up (the abandoned later steps of a run resumed from an
+earlier step).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, NamedTuple
+
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from lora_jax import protocols
+from lora_jax import validation as V
+from lora_jax.checkpoint import codec
+from lora_jax.checkpoint import files
+from lora_jax.checkpoint import restore as R
+from lora_jax.checkpoint.adapter import FORMAT_VERSION
+from lora_jax.checkpoint.adapter import TRAIN_FORMAT
+from lora_jax.checkpoint.adapter import adapter_meta
+from lora_jax.checkpoint.adapter import array_meta
+from lora_jax.checkpoint.adapter import as_dict
+from lora_jax.checkpoint.adapter import check_fit
+from lora_jax.checkpoint.adapter import check_format
+from lora_jax.checkpoint.codec import CheckpointError
+from lora_jax.paths import flatten
+
+PyTree = Any
+ON_EXISTING = ("error", "overwrite")
+_TRASH = "_deleted"  # dropped steps wait here (unlisted) until removed
+_ITEMS = ("opt_state", "adalora", "rng")  # what a train state holds besides the adapter
+
+
+def _check_storable(item: str, tree: PyTree) -> None:
+    """Clear errors, before anything is written, for leaves a train state cannot hold."""
+    for path, x in flatten(tree):
+        where = f"{item}/{path}" if path else item
+        if protocols.is_base_leaf(x):
+            raise TypeError(f"{where} is a {type(x).__name__}, a base weight: checkpoints hold "
+                            "adapters and train state, never the base model")
+        if str(getattr(x, "dtype", "")) in ("int4", "uint4"):
+            raise TypeError(f"{where}: Orbax cannot write {x.dtype} arrays; store them as "
+                            "int8/uint8 (e.g. QuantizedArray.with_storage('packed'))")
+
+
+class TrainState(NamedTuple):
+    """What :meth:`Manager.restore` returns."""
+
+    step: int
+    lora: PyTree
+    opt_state: PyTree
+    adalora: PyTree
+    rng: PyTree
+    meta: Any
+
+
+class StepExistsError(ValueError):
+    """:meth:`Manager.save` of a step that exists or is not above the latest one."""
+
+
+class Manager:
+    """Per-step checkpoints of the train state, through ``orbax.checkpoint.CheckpointManager``.
+
+    >>> import tempfile, jax, jax.numpy as jnp, optax, lora_jax
+    >>> lora = lora_jax.init({"w": {"kernel": jnp.ones((8, 4))}}, r=2, key=jax.random.key(0))
+    >>> opt = optax.adam(1e-3).init(lora)
+    >>> with Manager(tempfile.mkdtemp(), max_to_keep=2) as ckpt:
+    ...     for step in range(3):
+    ...         _ = ckpt.save(step, lora=lora, opt_state=opt, rng=jax.random.key(step))
+    ...     ckpt.wait()
+    ...     restored = ckpt.restore()
+    >>> ckpt.steps, restored.step, type(restored.opt_state[0]).__name__
+    ([1, 2], 2, 'ScaleByAdamState')
+
+    Resuming: a run restored from step ``s`` that saves ``s + 1`` while later steps exist
+    (from the run it abandons) gets a :class:`StepExistsError` saying so, unless the
+    Manager was opened with ``on_existing="overwrite"``:
+
+    >>> d = tempfile.mkdtemp()
+    >>> with Manager(d, async_save=False) as ckpt:
+    ...     for step in (1, 2, 3):
+    ...         _ = ckpt.save(step, lora=lora)
+    >>> with Manager(d, async_save=False, on_existing="overwrite") as ckpt:
+    ...     state = ckpt.restore(1)        # ... train on from step 1 ...
+    ...     _ = ckpt.save(2, lora=lora)    # drops the old steps 2 and 3 first
+    ...     ckpt.steps
+    [1, 2]
+
+    Args:
+      directory: where step directories go.
+      max_to_keep: how many recent checkpoints to keep (``None``: all).
+      async_save: write in a background thread; :meth:`save` returns once the arrays are
+        copied off the devices. :meth:`wait` (or :meth:`close`) waits for the writes.
+      save_interval_steps: :meth:`save` skips (returns False for) steps that are not a
+        multiple of this, once a first checkpoint exists.
+      keep_period: also keep every checkpoint whose step is a multiple of this.
+      on_existing: what :meth:`save` does with a step that exists or is not above the
+        latest: ``"error"`` (default) raises :class:`StepExistsError` and writes nothing;
+        ``"overwrite"`` drops every checkpoint from that step up, then saves. A crash after
+        the drop and before the new step is complete leaves the steps below it.
+
+    Raises:
+      ValueError: ``directory`` is an adapter, one step of a Manager, or a PEFT folder; a bad
+        option. NotADirectoryError: ``directory`` is a file.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
+                 async_save: bool = True, save_interval_steps: int = 1,
+                 keep_period: int | None = None, on_existing: str = "error"):
+        self.directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
+        if on_existing not in ON_EXISTING:
+            raise ValueError(f"Manager: on_existing must be 'error' or 'overwrite', got "
+                             f"{on_existing!r}")
+        if max_to_keep is not None:
+            max_to_keep = V.integer(max_to_keep, "Manager: max_to_keep", low=1)
+        save_interval_steps = V.integer(save_interval_steps, "Manager: save_interval_steps",
+                                        low=1)
+        if keep_period is not None:
+            keep_period = V.integer(keep_period, "Manager: keep_period", low=1)
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise NotADirectoryError(f"Manager: {self.directory} is a file; a Manager needs a "
+                                     "directory")
+        if os.path.isdir(self.directory):
+            why = files.not_ours(self.directory, "manager")
+            if why:
+                raise ValueError(f"Manager: {why}")
+        self.on_existing = on_existing
+        self._interval = save_interval_steps
+        # Old steps are renamed out of the way (atomic) instead of deleted in place: a process
+        # killed half-way through an rmtree would otherwise leave a listed, broken step.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+            keep_period=keep_period, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True, create=True, todelete_subdir=_TRASH)
+        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+        self._empty_trash()
+
+    def _empty_trash(self) -> None:
+        trash = os.path.join(self.directory, _TRASH)
+        if jax.process_index() == 0 and os.path.isdir(trash):
+            for name in os.listdir(trash):
+                shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
+
+    # -- bookkeeping
+    @property
+    def steps(self) -> list[int]:
+        """Steps with a complete checkpoint, oldest first."""
+        return sorted(self._mngr.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are on disk."""
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.close()
+        self._empty_trash()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def size(self, step: int | None = None) -> int:
+        """Bytes on disk of a checkpoint (default: the latest), after pending writes."""
+        self.wait()
+        return files.disk_size(os.path.join(self.directory, str(self._step(step))))
+
+    def metadata(self, step: int | None = None) -> dict:
+        """The JSON metadata of a step: adapter info, structures, user meta."""
+        step = self._step(step)
+        where = f"checkpoint step {step} in {self.directory}"
+        state = files.orbax_read(f"the metadata of {where}", lambda: self._mngr.restore(
+            step, args=ocp.args.Composite(state=ocp.args.JsonRestore())).state)
+        if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
+            raise CheckpointError(f"{where} is not a lora_jax train state")
+        return state
+
+    def _step(self, step):
+        if step is not None:
+            step = V.integer(step, "Manager: step", low=0)
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if step not in self._mngr.all_steps():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
+                                    f"steps are {self.steps}")
+        return step
+
+    # -- save / restore
+    def save(self, step: int, *, lora: PyTree, opt_state: PyTree = None,
+             adalora: PyTree = None, rng: PyTree = None, meta: Any = None,
+             force: bool = False) -> bool:
+        """Saves the train state of ``step`` (asynchronously by default).
+
+        Args:
+          step: the step number, an integer >= 0 (a 0-d integer array is fine).
+          lora: the adapter tree (the base model is never saved).
+          opt_state: optax state (any pytree of arrays; optax's state classes, and classes
+            given to :func:`register`, are rebuilt on restore).
+          adalora: :class:`lora_jax.adalora.AllocatorState`.
+          rng: a PRNG key (typed or raw) or a pytree of them.
+          meta: JSON-like user data (e.g. a dataclass config).
+          force: save even if ``save_interval_steps`` would skip this step.
+
+        Returns:
+          Whether a checkpoint was started: False only for a step that
+          ``save_interval_steps`` skips.
+
+        Raises:
+          StepExistsError: (a ValueError) ``step`` exists or is not above the latest step,
+            and ``on_existing`` is ``"error"``; nothing is written.
+          TypeError: (before anything is written) a base weight such as a ``QuantizedArray``,
+            an int4/uint4 array, or an unregistered NamedTuple/dataclass in ``opt_state``,
+            ``adalora`` or ``rng``, naming its path.
+        """
+        step = V.integer(step, "Manager.save: step", low=0)
+        info, lora_arrays = adapter_meta(lora, meta, "Manager.save")
+        state = {"format": TRAIN_FORMAT, "format_version": FORMAT_VERSION, "step": step,
+                 "adapter": info, "items": {}}
+        args = {"lora": ocp.args.StandardSave(as_dict(lora_arrays))}
+        names = codec.type_names()
+        for name, tree in (("opt_state", opt_state), ("adalora", adalora), ("rng", rng)):
+            _check_storable(name, tree)
+            arrays: list = []
+            enc = codec.encode(tree, arrays, names, name)
+            state["items"][name] = {"tree": enc, "arrays": [array_meta(x) for x in arrays]}
+            if arrays:
+                args[name] = ocp.args.StandardSave(as_dict(arrays))
+        args["state"] = ocp.args.JsonSave(state)
+
+        self._empty_trash()  # steps dropped by earlier saves
+        latest = self.latest_step()
+        if latest is not None and step <= latest:
+            steps = self.steps
+            if self.on_existing == "error":
+                what = "already exists" if step in steps else \
+                    f"is not above the latest step {latest}"
+                raise StepExistsError(
+                    f"Manager.save: step {step} {what} in {self.directory} (steps {steps}); "
+                    "nothing was written. To continue a run restored from an earlier step, "
+                    "replacing the steps after it, open the Manager with "
+                    f"on_existing='overwrite' (drops steps >= {step}); to keep them, save to "
+                    f"another directory or at a step above {latest}")
+            self.wait()
+            for s in self.steps:
+                if s >= step:
+                    self._mngr.delete(s)
+        started = bool(self._mngr.save(step, args=ocp.args.Composite(**args), force=force))
+        if not started and (force or step % self._interval == 0):
+            raise RuntimeError(f"Manager.save: Orbax declined to save step {step} in "
+                               f"{self.directory} (steps {self.steps})")
+        return started
+
+    def restore(self, step: int | None = None, *, mesh: Mesh | None = None,
+                specs: PyTree | None = None, like: PyTree | None = None,
+                base: PyTree | None = None, opt_state: PyTree | None = None) -> TrainState:
+        """Restores a step (default: the latest complete one), placed on ``mesh``.
+
+        Args:
+          step: which step; ``None`` for the latest.
+          mesh: the mesh to restore onto, which need not be the one saved from; ``None``
+            restores onto one device.
+          specs: adapter specs (from :func:`lora_jax.sharding.specs`) or base specs; the
+            optimizer and AdaLoRA state follow the adapters (:func:`~lora_jax.sharding.
+            state_specs`); default replicated.
+          like: adapter tree the checkpoint must match (targets, shapes, static fields).
+          base: base params the adapters must fit.
+          opt_state: a template (arrays or ShapeDtypeStructs, e.g. ``jax.eval_shape(tx.init,
+            lora)``) the optimizer state must match; its structure is used.
+
+        Returns:
+          A :class:`TrainState`; absent items are ``None``.
+
+        Raises:
+          FileNotFoundError: no such checkpoint.
+          CheckpointError: (a ValueError) the step is damaged or names an unregistered type.
+          ValueError: (before any array is read) the checkpoint does not fit ``like``,
+            ``base`` or ``opt_state``, naming the first mismatch.
+        """
+        self.wait()  # a restore sees every save that was started before it
+        step = self._step(step)
+        state = self.metadata(step)
+        where = f"checkpoint step {step} in {self.directory}"
+        info = state.get("adapter")
+        check_format(info, where)
+        abstract = R.abstract_lora(info, R.unsharded, where)
+        check_fit(abstract, like, base, where)
+        shard, lspecs = R.lora_shardings(abstract, mesh, specs)
+        abstract = R.abstract_lora(info, shard, where)
+
+        rd = codec.Reader(where)
+        stored = state.get("items")
+        if not isinstance(stored, dict) or not set(stored) <= set(_ITEMS):
+            raise rd.error("items", f"expected a subset of {list(_ITEMS)}, got "
+                           f"{list(stored) if isinstance(stored, dict) else stored!r}")
+        args, items, counts = {}, {}, {}
+        flat_lora, where_lora = R.flat_fields(abstract)
+        args["lora"] = ocp.args.StandardRestore(flat_lora)
+        for name, item in stored.items():
+            if not isinstance(item, dict) or not isinstance(item.get("arrays"), list):
+                raise rd.error(name, "an item needs 'tree' and 'arrays'")
+            shapes = [codec.shape_dtype(a, rd, f"{name}/arrays/{i}")
+                      for i, a in enumerate(item["arrays"])]
+            if name == "opt_state" and opt_state is not None:
+                tree = R.match_template(opt_state, shapes, where)
+            else:
+                tree = codec.decode(item.get("tree"), shapes, rd, name)
+            items[name], counts[name] = tree, len(shapes)
+            if not shapes:
+                continue
+            # Shardings follow the tree's paths; arrays are stored in encoding order.
+            shardings = R.tree_shardings(tree, mesh, lspecs)
+            pairs = zip(jax.tree.leaves(tree), jax.tree.leaves(shardings))
+            by_id = {id(x): sh for x, sh in pairs}
+            if len(by_id) != len(shapes):
+                raise rd.error(name, f"the tree uses {len(by_id)} of its {len(shapes)} arrays")
+            args[name] = ocp.args.StandardRestore(as_dict(
+                [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=by_id[id(x)]) for x in shapes]))
+        got = files.orbax_read(f"the arrays of {where}", lambda: self._mngr.restore(
+            step, args=ocp.args.Composite(**args)))
+
+        leaves = {p: {} for p in abstract}
+        for (p, name), key in zip(where_lora, flat_lora):
+            leaves[p][name] = got.lora[key]
+        lora = R.rebuild_like({p: leaf.replace(**leaves[p]) for p, leaf in abstract.items()}, like)
+        out = {}
+        for name, tree in items.items():
+            if counts[name] == 0:
+                out[name] = tree
+                continue
+            arrays = [getattr(got, name)[f"{i:06d}"] for i in range(counts[name])]
+            if name == "opt_state" and opt_state is not None:
+                out[name] = jax.tree.structure(tree).unflatten(arrays)
+            else:  # typed keys and Python scalars come back as such
+                out[name] = codec.decode(stored[name]["tree"], arrays, rd, name)
+        return TrainState(step=step, lora=lora, opt_state=out.get("opt_state"),
+                          adalora=out.get("adalora"), rng=out.get("rng"),
+                          meta=info.get("meta"))
+
