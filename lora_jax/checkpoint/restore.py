@@ -21,6 +21,7 @@ from lora_jax import validation as V
 from lora_jax.checkpoint import codec
 from lora_jax.checkpoint.codec import CheckpointError
 from lora_jax.paths import path_str
+from lora_jax.sharding.placement import check_divides
 
 PyTree = Any
 Shardings = Callable[[str, str, tuple], Any]  # (path, field, shape) -> Sharding or None
@@ -93,7 +94,7 @@ def lora_shardings(abstract_leaves: dict, mesh: Mesh | None,
             spec = table[path][name]
         except KeyError:
             raise ValueError(f"specs have no entry for {path}/{name}") from None
-        S._check_divides(mesh, spec, shape, f"specs for {path}/{name}")
+        check_divides(mesh, spec, shape, f"specs for {path}/{name}")
         return NamedSharding(mesh, spec)
 
     return f, lspecs

@@ -47,11 +47,6 @@ from lora_jax.sharding.adapter_specs import specs
 from lora_jax.sharding.adapter_specs import state_specs
 from lora_jax.sharding.storage import storage_specs
 
-# Transitional: checkpoint.py reads these two by their old private names; the public ones are
-# check_divides in sharding/placement.py and array_fields in sharding/adapter_specs.py.
-from lora_jax.sharding.placement import check_divides as _check_divides  # noqa: F401
-from lora_jax.sharding.adapter_specs import array_fields as _fields  # noqa: F401
-
 __all__ = [
     "COLUMN_PARALLEL",
     "POLICIES",
