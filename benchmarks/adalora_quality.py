@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
-import lora_jax  # noqa: E402
 from common import fmt_table  # noqa: E402
+
+import lora_jax  # noqa: E402
 from lora_jax import adalora  # noqa: E402
 from lora_jax.demo.data import batches  # noqa: E402
 from lora_jax.demo.gpt import pretrained_gpt  # noqa: E402

@@ -24,8 +24,9 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
-import lora_jax  # noqa: E402
 from common import fmt_table, time_steps  # noqa: E402
+
+import lora_jax  # noqa: E402
 from lora_jax import adalora  # noqa: E402
 from lora_jax.models.gpt import GPT, GPTConfig, loss_fn  # noqa: E402
 

@@ -30,8 +30,9 @@ import optax
 import orbax.checkpoint as ocp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import lora_jax  # noqa: E402
 from common import fmt_table  # noqa: E402
+
+import lora_jax  # noqa: E402
 from lora_jax import adalora  # noqa: E402
 from lora_jax import checkpoint as C  # noqa: E402
 from lora_jax.models.gpt import GPT, GPTConfig  # noqa: E402

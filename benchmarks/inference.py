@@ -15,8 +15,9 @@ import sys
 import jax
 
 sys.path.insert(0, os.path.dirname(__file__))
-import lora_jax  # noqa: E402
 from common import compiled_stats, fmt_table, time_steps  # noqa: E402
+
+import lora_jax  # noqa: E402
 from lora_jax.models.gpt import GPT, GPTConfig  # noqa: E402
 
 

@@ -23,8 +23,9 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
-import lora_jax  # noqa: E402
 from common import compiled_stats, fmt_table, time_interleaved  # noqa: E402
+
+import lora_jax  # noqa: E402
 from lora_jax.models.gpt import GPT, GPTConfig, loss_fn  # noqa: E402
 
 MODELS = {

@@ -42,8 +42,9 @@ def child(args) -> dict:
     from jax.sharding import PartitionSpec as P
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import lora_jax
     from common import compiled_stats, time_steps
+
+    import lora_jax
     from lora_jax import sharding as S
     from lora_jax.models.gpt import GPT, GPTConfig, loss_fn
 

@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
-import lora_jax  # noqa: E402
-from common import compiled_stats, fmt_table, time_interleaved  # noqa: E402
 import gpt_einsum  # noqa: E402
+from common import compiled_stats, fmt_table, time_interleaved  # noqa: E402
+
+import lora_jax  # noqa: E402
 from lora_jax.models.gpt import GPT, GPTConfig, loss_fn  # noqa: E402
 
 TARGETS = r".*/(q|k|v|o|up|down)/kernel"
@@ -102,7 +103,8 @@ def run(model_name, cfg, batch, n_steps):
         r[4] = f"{r[3] / rows[0][3]:.3f}"
     for r in rows:
         r[3] = f"{r[3] / 1e9:.2f}"
-    print(f"\nmodel={model_name} backend={jax.default_backend()} devices={jax.device_count()} scan={cfg.scan} "
+    print(f"\nmodel={model_name} backend={jax.default_backend()} devices={jax.device_count()} "
+          f"scan={cfg.scan} "
           f"dtype={cfg.dtype} batch={batch} seq={cfg.seq} d={cfg.d} layers={cfg.layers}")
     print(fmt_table(["variant", "step ms", "time/full", "GFLOPs", "flops/full", "peak MiB",
                      "trainable"], rows))

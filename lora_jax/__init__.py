@@ -8,35 +8,23 @@ safetensors, ``sharding``, ``nnx``, ``models``, ``demo``) load on first use.
 import importlib
 
 from lora_jax import adalora
-from lora_jax.layouts import Layouts
-from lora_jax.layouts import WeightLayout
-from lora_jax.layouts import trace
-from lora_jax.leaves import LoraWeight
 from lora_jax.initializers import init
-from lora_jax.merging import merge
-from lora_jax.merging import unmerge
+from lora_jax.layouts import Layouts, WeightLayout, trace
+from lora_jax.leaves import LoraWeight
+from lora_jax.merging import merge, unmerge
 from lora_jax.paths import Rule
-from lora_jax.quant import FORMATS
-from lora_jax.quant import QuantizedArray
-from lora_jax.quant import dequantize_tree
-from lora_jax.quant import is_quantized
-from lora_jax.quant import quantize
-from lora_jax.quant import quantize_array
-from lora_jax.quant import quantized_bytes
-from lora_jax.summaries import Summary
-from lora_jax.summaries import base_param_count
-from lora_jax.summaries import param_count
-from lora_jax.summaries import summary
-from lora_jax.train import combine
-from lora_jax.train import optimizer
-from lora_jax.train import split
-from lora_jax.train import trainable_mask
-from lora_jax.transform import LoraFallbackError
-from lora_jax.transform import Report
-from lora_jax.transform import Use
-from lora_jax.transform import WeightReport
-from lora_jax.transform import apply
-from lora_jax.transform import report
+from lora_jax.quant import (
+    FORMATS,
+    QuantizedArray,
+    dequantize_tree,
+    is_quantized,
+    quantize,
+    quantize_array,
+    quantized_bytes,
+)
+from lora_jax.summaries import Summary, base_param_count, param_count, summary
+from lora_jax.train import combine, optimizer, split, trainable_mask
+from lora_jax.transform import LoraFallbackError, Report, Use, WeightReport, apply, report
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -100,7 +99,7 @@ def init(
     )
     out = {}
     for path, s in spec.items():
-        k = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+        k = P.path_key(key, path)
         out[path] = _init_leaf(k, s, init, rslora, dtype, dropout, path)
     return from_leaves(out)
 

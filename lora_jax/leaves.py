@@ -76,7 +76,7 @@ class LowRankLeaf:
         a, b = jax.eval_shape(lambda leaf: leaf.factors(), self)
         V.factor_chain(where, tuple(a.shape), tuple(b.shape), sa, ia)
         try:
-            self.layout  # the roles string fits the factors' stack/in/out axis counts
+            _ = self.layout  # the roles string fits the factors' stack/in/out axis counts
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
 

@@ -12,20 +12,10 @@ kinds), :mod:`lora_jax.targets` (which parameters, at which rank and layout),
 ((4, 2), (2, 3))
 """
 
-from lora_jax.initializers import INIT_SCHEMES
-from lora_jax.initializers import init
-from lora_jax.leaves import LoraWeight
-from lora_jax.leaves import LowRankLeaf
-from lora_jax.leaves import from_leaves
-from lora_jax.leaves import is_lowrank
-from lora_jax.leaves import leaves
-from lora_jax.merging import check_fits
-from lora_jax.merging import merge
-from lora_jax.merging import unmerge
-from lora_jax.summaries import Summary
-from lora_jax.summaries import base_param_count
-from lora_jax.summaries import param_count
-from lora_jax.summaries import summary
+from lora_jax.initializers import INIT_SCHEMES, init
+from lora_jax.leaves import LoraWeight, LowRankLeaf, from_leaves, is_lowrank, leaves
+from lora_jax.merging import check_fits, merge, unmerge
+from lora_jax.summaries import Summary, base_param_count, param_count, summary
 from lora_jax.targets import resolve_targets
 
 __all__ = [

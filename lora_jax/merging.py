@@ -4,7 +4,8 @@
 >>> from lora_jax.leaves import LoraWeight
 >>> base = {"w": {"kernel": jnp.zeros((4, 3))}}
 >>> lora = {"w": {"kernel": LoraWeight(a=jnp.ones((4, 1)), b=jnp.ones((1, 3)))}}
->>> merge(base, lora)["w"]["kernel"].sum().item(), unmerge(merge(base, lora), lora)["w"]["kernel"].sum().item()
+>>> merged = merge(base, lora)
+>>> merged["w"]["kernel"].sum().item(), unmerge(merged, lora)["w"]["kernel"].sum().item()
 (12.0, 0.0)
 """
 

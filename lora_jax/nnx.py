@@ -34,13 +34,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import jax.extend as jex
-
+import jax.numpy as jnp
 from flax import nnx
 
-from lora_jax import protocols
 from lora_jax import paths as P
+from lora_jax import protocols
 
 PyTree = Any
 

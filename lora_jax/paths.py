@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -120,8 +121,10 @@ def setting_for(arg: Any, path: str, rule_value: Any = None, default: Any = None
     """One per-path setting: a rule's value if set, else ``arg`` (a value for every path, or
     ``{regex: value}`` where the first fully matching regex wins), else ``default``.
 
-    >>> setting_for({".*attn.*": 2}, "attn/q/kernel"), setting_for(3, "x"), setting_for(None, "x", default=1)
-    (2, 3, 1)
+    >>> setting_for({".*attn.*": 2}, "attn/q/kernel"), setting_for(3, "x")
+    (2, 3)
+    >>> setting_for(None, "x", default=1)
+    1
     """
     if rule_value is not None:
         return rule_value
@@ -133,6 +136,12 @@ def setting_for(arg: Any, path: str, rule_value: Any = None, default: Any = None
         if matches(path, (pat,)):
             return v
     return default
+
+
+def path_key(key: jax.Array, path: str) -> jax.Array:
+    """A PRNG key of its own for a parameter path: ``fold_in(key, crc32(path))``, so that
+    no two adapters share a key and a path always gets the same one."""
+    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
 # The names under which JAX libraries store matmul weights: Flax ("kernel"), Haiku and

@@ -15,8 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from lora_jax import protocols
 from lora_jax import paths as P
+from lora_jax import protocols
 
 
 @dataclasses.dataclass

@@ -26,8 +26,8 @@ import jax
 import optax
 
 from lora_jax import lora as L
-from lora_jax import protocols
 from lora_jax import paths as P
+from lora_jax import protocols
 
 PyTree = Any
 

@@ -41,7 +41,8 @@ def _small_params():
 
 
 def test_init_shapes_scale_and_delta():
-    params = {"dense": {"kernel": jnp.ones((6, 5))}, "attn": {"out": {"kernel": jnp.ones((2, 3, 7))}}}
+    params = {"dense": {"kernel": jnp.ones((6, 5))},
+              "attn": {"out": {"kernel": jnp.ones((2, 3, 7))}}}
     lora = adalora.init(params, init_r=4, target_r=2, alpha=6.0, key=jax.random.key(1))
     w = lora["attn"]["out"]["kernel"]  # "out" module: in_axes = 2 (heads, head_dim)
     assert (w.p.shape, w.e.shape, w.q.shape, w.in_axes) == ((2, 3, 4), (4,), (4, 7), 2)
@@ -151,7 +152,8 @@ def test_peft_reference_every_decision():
             n_pruned += int((after == 0).sum())
     assert n_pruned > 20  # the file does exercise pruning
     for m in PEFT_MODULES:
-        np.testing.assert_array_equal(state.mask[m]["kernel"], d[f"rank_pattern|{m}.lora_E.default"])
+        np.testing.assert_array_equal(state.mask[m]["kernel"],
+                                      d[f"rank_pattern|{m}.lora_E.default"])
     final, ranks = adalora.finalize(new, state)
     assert ranks == {m + "/kernel": int(d[f"rank_pattern|{m}.lora_E.default"].sum())
                      for m in PEFT_MODULES}
@@ -274,7 +276,8 @@ def test_finalize_preserves_merged_weights_and_drops_rank_zero():
 
 
 def test_train_step_traces_once():
-    params = {"l1": {"kernel": _randn(1, (8, 16), 1 / 3)}, "l2": {"kernel": _randn(2, (16, 4), 0.25)}}
+    params = {"l1": {"kernel": _randn(1, (8, 16), 1 / 3)},
+              "l2": {"kernel": _randn(2, (16, 4), 0.25)}}
     x = _randn(3, (32, 8))
     y = jnp.sin(x[:, :4])
     lora = adalora.init(params, init_r=4, target_r=2, key=jax.random.key(0))

@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import lora_jax
 from conftest import f64, max_rel_err, randomize_np
 from styles import gemma_style, griffin_style, mlp_style, nnx_style, scan_style
+
+import lora_jax
 
 R = 4  # > 2: under a first-axis-is-input reading, kv_einsum (2, K, D, H) could not take it
 GQA = gemma_style.TransformerConfig()  # q (4, 32, 8), kv (2, 2, 32, 8), gating (2, 64, 32)

@@ -24,13 +24,12 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 import lora_jax
-from lora_jax import adalora
+from lora_jax import adalora, peft
 from lora_jax import checkpoint as C
-from lora_jax import peft
 from lora_jax import quant as Q
-from lora_jax.quant import bnb
 from lora_jax import sharding as S
 from lora_jax.models import gguf as G
+from lora_jax.quant import bnb
 
 KEY = jax.random.key(0)
 

@@ -10,10 +10,21 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import (
+    BF16,
+    LAYOUTS,
+    dot_proj,
+    f64,
+    make_multi,
+    max_rel_err,
+    norm_err,
+    one_kernel,
+    random_like,
+    rbg_key,
+    rnd,
+)
 
 import lora_jax
-from conftest import (BF16, LAYOUTS, dot_proj, f64, make_multi, max_rel_err, norm_err,
-                      one_kernel, random_like, rbg_key, rnd)
 
 
 def _mask(rng, path, use, shape, keep):

@@ -9,10 +9,17 @@ and factors are fresh random values, never zeros.
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import (
+    LAYOUTS,
+    assert_all_fast,
+    check_merged,
+    make_multi,
+    max_rel_err,
+    one_kernel,
+    rnd,
+)
 
 import lora_jax
-from conftest import (LAYOUTS, assert_all_fast, check_merged, make_multi, max_rel_err,
-                      one_kernel, rnd)
 
 
 def test_thin_layouts_against_merged():

@@ -4,13 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import max_rel_err, randomize
 from jax import lax
 from jax.sharding import PartitionSpec as PS
 
 import lora_jax
 from lora_jax import adalora
 from lora_jax import layouts as Lay
-from conftest import max_rel_err, randomize
 
 K = jax.random.key
 N, KV, D, H, F = 4, 2, 16, 8, 24
@@ -135,7 +135,8 @@ def test_names_rule_covers_w_and_weight():
 
 def test_trace_follows_views_and_control_flow():
     params = {"t": _w(0, (6, 4)), "r": _w(1, (3, 2, 5)), "s": _w(2, (3, 5, 5)),
-              "c": _w(3, (4, 6)), "wl": _w(4, (5, 5)), "cj": _w(5, (5, 5)), "cv": _w(6, (3, 3, 3, 4))}
+              "c": _w(3, (4, 6)), "wl": _w(4, (5, 5)), "cj": _w(5, (5, 5)),
+              "cv": _w(6, (3, 3, 3, 4))}
 
     @jax.custom_jvp
     def cj(x, w):

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import randomize
 
 import lora_jax
 from lora_jax import lora as L
-from conftest import randomize
 
 
 def mlp_params(key=jax.random.key(0)):
@@ -175,5 +175,6 @@ def test_mismatched_lora_tree_errors():
         lora_jax.merge(q, lora)
     q = jax.tree.map(lambda x: x, p)
     q["params"]["mlp"]["up"]["kernel"] = jnp.ones((16, 33))
-    with pytest.raises(ValueError, match=r"'params/mlp/up/kernel' fit a kernel of shape \(16, 32\)"):
+    with pytest.raises(ValueError,
+                       match=r"'params/mlp/up/kernel' fit a kernel of shape \(16, 32\)"):
         lora_jax.apply(lambda p, x: x)(q, lora, 1.0)

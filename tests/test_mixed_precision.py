@@ -9,12 +9,22 @@ Inputs and factors are fresh random values, never zeros.
 
 import jax
 import jax.numpy as jnp
+from conftest import (
+    BF16,
+    assert_all_fast,
+    check_merged,
+    dot_proj,
+    f64,
+    make_multi,
+    max_rel_err,
+    norm_err,
+    one_kernel,
+    random_like,
+    rnd,
+)
 from jax import lax
 
 import lora_jax
-from conftest import (BF16, assert_all_fast, check_merged, dot_proj, f64, make_multi,
-                      max_rel_err, norm_err, one_kernel, random_like, rnd)
-
 
 BF16_NAMES = ["x_contract_unsorted", "weight_lhs", "two_out_axes", "transposed",
               "out_axes_reversed"]

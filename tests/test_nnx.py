@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import max_rel_err, randomize
 from flax import nnx
 from safetensors.numpy import load_file
 
 import lora_jax
-from conftest import max_rel_err, randomize
 from lora_jax import paths as P
 
 VOCAB, D, SEQ = 17, 16, 6

@@ -20,8 +20,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import lora_jax
-from lora_jax import adalora
-from lora_jax import peft
+from lora_jax import adalora, peft
 from lora_jax.models.gpt import GPT, GPTConfig
 
 DATA = pathlib.Path(__file__).parent / "data"

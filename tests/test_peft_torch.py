@@ -17,8 +17,7 @@ torch = pytest.importorskip("torch")
 peft_torch = pytest.importorskip("peft")
 
 import lora_jax  # noqa: E402
-from lora_jax import adalora  # noqa: E402
-from lora_jax import peft  # noqa: E402
+from lora_jax import adalora, peft  # noqa: E402
 
 DATA = pathlib.Path(__file__).parent / "data"
 MODULES = ("fc1", "fc2", "out")

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import max_rel_err, randomize
 
 import lora_jax
-from conftest import max_rel_err, randomize
 from lora_jax.models.gpt import GPT, GPTConfig, loss_fn
 
 CFG = dict(vocab=64, d=64, heads=4, layers=2, mlp=256, seq=16)

@@ -9,11 +9,17 @@ import numpy as np
 import pytest
 
 import lora_jax
-
 from lora_jax import quant
-from lora_jax.quant import bnb, kernels
-from lora_jax.quant import QuantizedArray, dequantize_tree, is_quantized, quantize
-from lora_jax.quant import quantize_array, quantized_bytes
+from lora_jax.quant import (
+    QuantizedArray,
+    bnb,
+    dequantize_tree,
+    is_quantized,
+    kernels,
+    quantize,
+    quantize_array,
+    quantized_bytes,
+)
 
 F32 = np.float32
 BNB = np.load(pathlib.Path(__file__).parent / "data" / "bnb_4bit.npz")

@@ -136,7 +136,8 @@ def test_qlora_values_and_grads_equal_packed(scan, dq, fmt):
     assert abs(float(v_n) - float(v_p)) <= 1e-6 * abs(float(v_p))
     assert max_rel_err(g_n, g_p) < 1e-6
     if scan:  # stacked layers unstack one layer at a time unless DQ groups straddle layers
-        use = lora_jax.report(model.apply, native, lora, TOK)["params/layers/block/q/kernel"].uses[0]
+        rep = lora_jax.report(model.apply, native, lora, TOK)
+        use = rep["params/layers/block/q/kernel"].uses[0]
         assert ("blocks straddle layers" in use.reason) if dq else use.route == "fast"
 
 

@@ -12,10 +12,10 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+from conftest import assert_all_fast, check_merged, init_lora, max_rel_err, rbg_key, rnd
 from jax import lax
 
 import lora_jax
-from conftest import assert_all_fast, check_merged, init_lora, max_rel_err, rbg_key, rnd
 
 
 def prim_names(jaxpr, out=None):

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import lora_jax
 from conftest import max_rel_err, randomize_np
 from styles import gemma_style, griffin_style, mlp_style, nnx_style, scan_style
+
+import lora_jax
 
 GQA = gemma_style.TransformerConfig()
 QKV = gemma_style.TransformerConfig(num_kv_heads=4, fused_qkv=True, transpose_gating_einsum=False)

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import randomize
 
 import lora_jax
-from conftest import randomize
 from lora_jax.models.gpt import GPT, GPTConfig, loss_fn
 
 CFG = GPTConfig(vocab=32, d=32, heads=4, layers=2, mlp=64, seq=16)

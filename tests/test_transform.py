@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import f64, max_rel_err, randomize
 from flax import nnx
 
 import lora_jax
-from conftest import f64, max_rel_err, randomize
 from lora_jax.models.gpt import GPT, GPTConfig, loss_fn
 
 

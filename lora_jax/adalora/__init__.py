@@ -38,12 +38,9 @@ pruned triplets pruned.
 2
 """
 
-from lora_jax.adalora.allocator import Allocator
-from lora_jax.adalora.allocator import AllocatorState
-from lora_jax.adalora.allocator import apply_mask
+from lora_jax.adalora.allocator import Allocator, AllocatorState, apply_mask
 from lora_jax.adalora.final import finalize
-from lora_jax.adalora.leaf import AdaLoraWeight
-from lora_jax.adalora.leaf import init
+from lora_jax.adalora.leaf import AdaLoraWeight, init
 from lora_jax.adalora.regularizer import orth_reg
 
 __all__ = [

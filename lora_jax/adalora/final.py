@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import lora as L
-from lora_jax.adalora.allocator import AllocatorState
-from lora_jax.adalora.allocator import check_state
+from lora_jax.adalora.allocator import AllocatorState, check_state
 from lora_jax.adalora.leaf import flatten
 
 PyTree = Any

@@ -8,7 +8,6 @@ allocator, the regulariser and :func:`lora_jax.adalora.finalize`.
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -166,7 +165,7 @@ def init(
     )
     out = {}
     for path, s in spec.items():
-        k = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+        k = P.path_key(key, path)
         kp, kq = jax.random.split(k)
         shape, r, roles = s["shape"], s["r"], s["roles"]
         stack, in_dims, out_dims = Lay.split(roles, shape)

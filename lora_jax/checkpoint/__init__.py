@@ -41,18 +41,16 @@ restoring onto a mesh) and ``manager.py`` (:class:`Manager`).
 from __future__ import annotations
 
 from lora_jax.checkpoint import codec
-from lora_jax.checkpoint.adapter import FORMAT
-from lora_jax.checkpoint.adapter import FORMAT_VERSION
-from lora_jax.checkpoint.adapter import adapter_info
-from lora_jax.checkpoint.adapter import load_adapter
-from lora_jax.checkpoint.adapter import save_adapter
-from lora_jax.checkpoint.codec import CheckpointError
-from lora_jax.checkpoint.codec import register
+from lora_jax.checkpoint.adapter import (
+    FORMAT,
+    FORMAT_VERSION,
+    adapter_info,
+    load_adapter,
+    save_adapter,
+)
+from lora_jax.checkpoint.codec import CheckpointError, register
 from lora_jax.checkpoint.files import disk_size
-from lora_jax.checkpoint.manager import ON_EXISTING
-from lora_jax.checkpoint.manager import Manager
-from lora_jax.checkpoint.manager import StepExistsError
-from lora_jax.checkpoint.manager import TrainState
+from lora_jax.checkpoint.manager import ON_EXISTING, Manager, StepExistsError, TrainState
 
 __all__ = [
     "FORMAT",

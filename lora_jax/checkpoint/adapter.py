@@ -22,8 +22,7 @@ from jax.sharding import Mesh
 
 from lora_jax import lora as L
 from lora_jax import validation as V
-from lora_jax.checkpoint import codec
-from lora_jax.checkpoint import files
+from lora_jax.checkpoint import codec, files
 from lora_jax.checkpoint import restore as R
 from lora_jax.checkpoint.codec import CheckpointError
 

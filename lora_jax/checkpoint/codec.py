@@ -33,8 +33,8 @@ import numpy as np
 
 from lora_jax import adalora as _ada
 from lora_jax import lora as L
-from lora_jax.paths import path_str
 from lora_jax import quant as _quant
+from lora_jax.paths import path_str
 
 PyTree = Any
 

@@ -21,16 +21,17 @@ from jax.sharding import Mesh
 
 from lora_jax import protocols
 from lora_jax import validation as V
-from lora_jax.checkpoint import codec
-from lora_jax.checkpoint import files
+from lora_jax.checkpoint import codec, files
 from lora_jax.checkpoint import restore as R
-from lora_jax.checkpoint.adapter import FORMAT_VERSION
-from lora_jax.checkpoint.adapter import TRAIN_FORMAT
-from lora_jax.checkpoint.adapter import adapter_meta
-from lora_jax.checkpoint.adapter import array_meta
-from lora_jax.checkpoint.adapter import as_dict
-from lora_jax.checkpoint.adapter import check_fit
-from lora_jax.checkpoint.adapter import check_format
+from lora_jax.checkpoint.adapter import (
+    FORMAT_VERSION,
+    TRAIN_FORMAT,
+    adapter_meta,
+    array_meta,
+    as_dict,
+    check_fit,
+    check_format,
+)
 from lora_jax.checkpoint.codec import CheckpointError
 from lora_jax.paths import flatten
 

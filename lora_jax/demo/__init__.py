@@ -11,22 +11,16 @@ The demos need tqdm and matplotlib, which ``lora_jax`` itself does not: install 
 """
 
 from lora_jax.demo.cli import main
-from lora_jax.demo.data import ADAPT_MODULES
-from lora_jax.demo.data import adapt_text
-from lora_jax.demo.data import batches
-from lora_jax.demo.data import eval_batches
-from lora_jax.demo.data import pretrain_text
-from lora_jax.demo.data import split_tokens
-from lora_jax.demo.gpt import METHODS
-from lora_jax.demo.gpt import plot_losses
-from lora_jax.demo.gpt import pretrained_gpt
-from lora_jax.demo.gpt import run
-from lora_jax.demo.gpt import save_adapters
-from lora_jax.demo.loop import make_step
-from lora_jax.demo.loop import peak_bytes
-from lora_jax.demo.loop import require
-from lora_jax.demo.loop import save_tree
-from lora_jax.demo.loop import train
+from lora_jax.demo.data import (
+    ADAPT_MODULES,
+    adapt_text,
+    batches,
+    eval_batches,
+    pretrain_text,
+    split_tokens,
+)
+from lora_jax.demo.gpt import METHODS, plot_losses, pretrained_gpt, run, save_adapters
+from lora_jax.demo.loop import make_step, peak_bytes, require, save_tree, train
 
 __all__ = [
     "ADAPT_MODULES",

@@ -28,25 +28,27 @@ axes, wherever each sits in the shape. Weights read by ``gather`` are embeddings
 ('oio', 'iio')
 """
 
-from lora_jax.layouts.roles import IN
-from lora_jax.layouts.roles import OUT
-from lora_jax.layouts.roles import STACK
-from lora_jax.layouts.roles import block_order
-from lora_jax.layouts.roles import canonical
-from lora_jax.layouts.roles import check
-from lora_jax.layouts.roles import from_canonical
-from lora_jax.layouts.roles import from_names
-from lora_jax.layouts.roles import split
-from lora_jax.layouts.roles import to_canonical
-from lora_jax.layouts.trace import Layouts
-from lora_jax.layouts.trace import WeightLayout
-from lora_jax.layouts.trace import trace
-from lora_jax.layouts.views import CALL_PRIMS
-from lora_jax.layouts.views import REMAT_PRIMS
-from lora_jax.layouts.views import VIEW_PRIMS
-from lora_jax.layouts.views import View
-from lora_jax.layouts.views import reshape_axes
-from lora_jax.layouts.views import view_after
+from lora_jax.layouts.roles import (
+    IN,
+    OUT,
+    STACK,
+    block_order,
+    canonical,
+    check,
+    from_canonical,
+    from_names,
+    split,
+    to_canonical,
+)
+from lora_jax.layouts.trace import Layouts, WeightLayout, trace
+from lora_jax.layouts.views import (
+    CALL_PRIMS,
+    REMAT_PRIMS,
+    VIEW_PRIMS,
+    View,
+    reshape_axes,
+    view_after,
+)
 
 __all__ = [
     "CALL_PRIMS",

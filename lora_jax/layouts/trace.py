@@ -18,8 +18,16 @@ import jax.numpy as jnp
 
 from lora_jax import tracing
 from lora_jax.layouts.roles import IN, OUT
-from lora_jax.layouts.views import (CALL_PRIMS, REMAT_PRIMS, VIEW_PRIMS, View, conv_roles,
-                                    dot_roles, gather_roles, view_after)
+from lora_jax.layouts.views import (
+    CALL_PRIMS,
+    REMAT_PRIMS,
+    VIEW_PRIMS,
+    View,
+    conv_roles,
+    dot_roles,
+    gather_roles,
+    view_after,
+)
 
 
 @dataclasses.dataclass(frozen=True)

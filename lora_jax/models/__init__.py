@@ -1,8 +1,6 @@
 """Small reference models bundled for the demo, tests and benchmarks (no downloads)."""
 
-from lora_jax.models.gpt import GPT
-from lora_jax.models.gpt import GPTConfig
-from lora_jax.models.llama import Llama
-from lora_jax.models.llama import LlamaConfig
+from lora_jax.models.gpt import GPT, GPTConfig
+from lora_jax.models.llama import Llama, LlamaConfig
 
 __all__ = ["GPT", "GPTConfig", "Llama", "LlamaConfig"]

@@ -45,15 +45,11 @@ True
 from __future__ import annotations
 
 from lora_jax.peft import config
-from lora_jax.peft.config import CONFIG_NAME
-from lora_jax.peft.config import PREFIX
-from lora_jax.peft.config import WEIGHTS_NAME
+from lora_jax.peft.config import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from lora_jax.peft.export import save_merged
 from lora_jax.peft.load import load
 from lora_jax.peft.modules import module_names
-from lora_jax.peft.names import NAME_MAPS
-from lora_jax.peft.names import NameMap
-from lora_jax.peft.names import default_name_map
+from lora_jax.peft.names import NAME_MAPS, NameMap, default_name_map
 from lora_jax.peft.save import save
 
 __all__ = [

@@ -16,17 +16,16 @@ import numpy as np
 from safetensors import numpy as st
 
 from lora_jax import lora as L
-from lora_jax import paths
-from lora_jax import protocols
-from lora_jax.peft.modules import supported
-from lora_jax.peft.modules import tile
-from lora_jax.peft.modules import target
-from lora_jax.peft.names import LEAF_TO_TORCH
-from lora_jax.peft.names import PLACEHOLDERS
-from lora_jax.peft.names import NameMap
-from lora_jax.peft.names import map_parts
-from lora_jax.peft.names import resolve
-from lora_jax.peft.names import stack_axes_of
+from lora_jax import paths, protocols
+from lora_jax.peft.modules import supported, target, tile
+from lora_jax.peft.names import (
+    LEAF_TO_TORCH,
+    PLACEHOLDERS,
+    NameMap,
+    map_parts,
+    resolve,
+    stack_axes_of,
+)
 
 PyTree = Any
 

@@ -19,21 +19,18 @@ from safetensors import numpy as st
 
 from lora_jax import lora as L
 from lora_jax import validation as V
-from lora_jax.peft.build import adalora_masks
-from lora_jax.peft.build import load_adalora
-from lora_jax.peft.build import load_lora
-from lora_jax.peft.config import CONFIG_NAME
-from lora_jax.peft.config import PREFIX
-from lora_jax.peft.config import WEIGHTS_NAME
-from lora_jax.peft.config import check_config
-from lora_jax.peft.config import check_values
-from lora_jax.peft.config import is_targeted
-from lora_jax.peft.config import read_config
-from lora_jax.peft.modules import suggest_map
-from lora_jax.peft.modules import supported
-from lora_jax.peft.modules import targets_of
-from lora_jax.peft.names import NameMap
-from lora_jax.peft.names import few
+from lora_jax.peft.build import adalora_masks, load_adalora, load_lora
+from lora_jax.peft.config import (
+    CONFIG_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    check_config,
+    check_values,
+    is_targeted,
+    read_config,
+)
+from lora_jax.peft.modules import suggest_map, supported, targets_of
+from lora_jax.peft.names import NameMap, few
 
 PyTree = Any
 

@@ -16,13 +16,15 @@ from typing import Any
 import numpy as np
 
 from lora_jax import paths
-from lora_jax.peft.names import NAME_MAPS
-from lora_jax.peft.names import PLACEHOLDERS
-from lora_jax.peft.names import NameMap
-from lora_jax.peft.names import Part
-from lora_jax.peft.names import map_parts
-from lora_jax.peft.names import resolve
-from lora_jax.peft.names import stack_axes_of
+from lora_jax.peft.names import (
+    NAME_MAPS,
+    PLACEHOLDERS,
+    NameMap,
+    Part,
+    map_parts,
+    resolve,
+    stack_axes_of,
+)
 
 PyTree = Any
 

@@ -19,17 +19,9 @@ from safetensors import numpy as st
 
 from lora_jax import layouts
 from lora_jax import lora as L
-from lora_jax.peft.config import CONFIG_NAME
-from lora_jax.peft.config import PREFIX
-from lora_jax.peft.config import WEIGHTS_NAME
-from lora_jax.peft.config import check_config
-from lora_jax.peft.config import patterns
-from lora_jax.peft.modules import Target
-from lora_jax.peft.modules import supported
-from lora_jax.peft.modules import target
-from lora_jax.peft.names import NameMap
-from lora_jax.peft.names import map_parts
-from lora_jax.peft.names import resolve
+from lora_jax.peft.config import CONFIG_NAME, PREFIX, WEIGHTS_NAME, check_config, patterns
+from lora_jax.peft.modules import Target, supported, target
+from lora_jax.peft.names import NameMap, map_parts, resolve
 
 PyTree = Any
 # The AdaLoRA schedule fields of the config: PEFT needs them, the tree does not hold them.

@@ -20,15 +20,8 @@ The files, one idea each:
 - ``tree.py``: :func:`quantize_array`, :func:`quantize` over a tree, and back.
 """
 
-from lora_jax.quant.array import FORMATS
-from lora_jax.quant.array import STORAGES
-from lora_jax.quant.array import QuantizedArray
-from lora_jax.quant.array import is_quantized
-from lora_jax.quant.tree import BLOCKS
-from lora_jax.quant.tree import dequantize_tree
-from lora_jax.quant.tree import quantize
-from lora_jax.quant.tree import quantize_array
-from lora_jax.quant.tree import quantized_bytes
+from lora_jax.quant.array import FORMATS, STORAGES, QuantizedArray, is_quantized
+from lora_jax.quant.tree import BLOCKS, dequantize_tree, quantize, quantize_array, quantized_bytes
 
 __all__ = [
     "BLOCKS",

@@ -21,11 +21,7 @@ from lora_jax import layouts as _lay
 from lora_jax import paths as _paths
 from lora_jax import validation as V
 from lora_jax.quant import kernels
-from lora_jax.quant.array import FORMATS
-from lora_jax.quant.array import QuantizedArray
-from lora_jax.quant.array import check_storage
-from lora_jax.quant.array import is_quantized
-from lora_jax.quant.array import normal_order
+from lora_jax.quant.array import FORMATS, QuantizedArray, check_storage, is_quantized, normal_order
 
 BLOCKS = ("input", "row-major")
 

@@ -33,18 +33,10 @@ The files, one idea each:
 - ``plumbing.py``: spec helpers the others share.
 """
 
-from lora_jax.sharding.hlo import Collective
-from lora_jax.sharding.hlo import collectives
-from lora_jax.sharding.placement import device_put
-from lora_jax.sharding.placement import mesh
-from lora_jax.sharding.placement import named
-from lora_jax.sharding.policies import COLUMN_PARALLEL
-from lora_jax.sharding.policies import ROW_PARALLEL
-from lora_jax.sharding.policies import fsdp
-from lora_jax.sharding.policies import tensor_parallel
-from lora_jax.sharding.adapter_specs import POLICIES
-from lora_jax.sharding.adapter_specs import specs
-from lora_jax.sharding.adapter_specs import state_specs
+from lora_jax.sharding.adapter_specs import POLICIES, specs, state_specs
+from lora_jax.sharding.hlo import Collective, collectives
+from lora_jax.sharding.placement import device_put, mesh, named
+from lora_jax.sharding.policies import COLUMN_PARALLEL, ROW_PARALLEL, fsdp, tensor_parallel
 from lora_jax.sharding.storage import storage_specs
 
 __all__ = [

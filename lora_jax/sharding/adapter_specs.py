@@ -18,10 +18,7 @@ from lora_jax import layouts as Lay
 from lora_jax import lora as L
 from lora_jax import paths as P
 from lora_jax.sharding.placement import check_divides
-from lora_jax.sharding.plumbing import canonical
-from lora_jax.sharding.plumbing import padded_entries
-from lora_jax.sharding.plumbing import is_spec
-from lora_jax.sharding.plumbing import spec_map
+from lora_jax.sharding.plumbing import canonical, is_spec, padded_entries, spec_map
 
 PyTree = Any
 POLICIES = ("inherit", "replicate")

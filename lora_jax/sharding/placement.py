@@ -14,8 +14,7 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from lora_jax import paths as P
-from lora_jax.sharding.plumbing import padded_entries
-from lora_jax.sharding.plumbing import is_spec
+from lora_jax.sharding.plumbing import is_spec, padded_entries
 
 PyTree = Any
 

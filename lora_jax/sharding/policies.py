@@ -17,9 +17,7 @@ from lora_jax import paths as P
 from lora_jax import protocols
 from lora_jax import validation as V
 from lora_jax.sharding.placement import check_axes
-from lora_jax.sharding.plumbing import canonical
-from lora_jax.sharding.plumbing import padded_entries
-from lora_jax.sharding.plumbing import spec_map
+from lora_jax.sharding.plumbing import canonical, padded_entries, spec_map
 from lora_jax.sharding.storage import splits_storage
 
 PyTree = Any

@@ -16,9 +16,7 @@ from jax.sharding import Mesh, PartitionSpec
 from lora_jax import paths as P
 from lora_jax import protocols
 from lora_jax.sharding.placement import check_divides
-from lora_jax.sharding.plumbing import canonical
-from lora_jax.sharding.plumbing import padded_entries
-from lora_jax.sharding.plumbing import spec_map
+from lora_jax.sharding.plumbing import canonical, padded_entries, spec_map
 
 PyTree = Any
 

@@ -21,12 +21,9 @@ True
 # The rules register themselves with the interpreter when imported.
 from lora_jax.transform import control_flow as _control_flow  # noqa: F401
 from lora_jax.transform import rules as _rules  # noqa: F401
-from lora_jax.transform.api import apply
-from lora_jax.transform.api import report
+from lora_jax.transform.api import apply, report
 from lora_jax.transform.interpreter import LoraFallbackError
-from lora_jax.transform.report import Report
-from lora_jax.transform.report import Use
-from lora_jax.transform.report import WeightReport
+from lora_jax.transform.report import Report, Use, WeightReport
 
 __all__ = [
     "LoraFallbackError",

@@ -16,8 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lora_jax import paths as P
-from lora_jax import protocols
-from lora_jax import tracing
+from lora_jax import protocols, tracing
 from lora_jax import validation as V
 from lora_jax.leaves import leaves
 from lora_jax.merging import check_fits, merge

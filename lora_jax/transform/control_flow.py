@@ -14,8 +14,16 @@ from jax import lax
 from lora_jax import layouts as Lay
 from lora_jax import protocols
 from lora_jax.anchors import after
-from lora_jax.transform.interpreter import (LoraFallbackError, concrete, eval_closed,
-                                            fallback, is_tagged, note, rule, tag)
+from lora_jax.transform.interpreter import (
+    LoraFallbackError,
+    concrete,
+    eval_closed,
+    fallback,
+    is_tagged,
+    note,
+    rule,
+    tag,
+)
 
 
 @rule(*Lay.CALL_PRIMS)

@@ -9,7 +9,6 @@ LoRA matmul (:mod:`lora_jax.fast_dot`); a row lookup takes ``A[ids]·B``.
 from __future__ import annotations
 
 import dataclasses
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +16,8 @@ from jax import lax
 
 from lora_jax import fast_dot
 from lora_jax import layouts as Lay
-from lora_jax.transform.interpreter import (Config, Tagged, bind, fallback, note,
-                                            rule)
+from lora_jax import paths as P
+from lora_jax.transform.interpreter import Config, Tagged, bind, fallback, note, rule
 
 
 @rule(*Lay.VIEW_PRIMS, "slice")
@@ -153,7 +152,7 @@ def _dot_inner(cfg: Config, eqn, invals, wi, t: Tagged, x, params):
 def use_key(cfg: Config, path: str) -> jax.Array:
     n = cfg.use_count.get(path, 0)
     cfg.use_count[path] = n + 1
-    k = jax.random.fold_in(cfg.rng, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+    k = P.path_key(cfg.rng, path)
     return jax.random.fold_in(k, n)
 
 
