@@ -18,11 +18,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lora_jax import layouts as Lay
 from lora_jax.anchors import after
-from lora_jax.protocols import dense
+from lora_jax.protocols import dense, is_base_leaf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +72,21 @@ def merged_view(base, leaf, ops, anchor=None) -> jax.Array:
     """``view(W0 + s·A·B)``: the weight operand exactly as the reference model sees it.
 
     With ``anchor``, the dequantization and merge are computed only once ``anchor`` exists.
+    A base leaf stored in another axis order (blocks along the input axes) is merged in that
+    order, so the elementwise merge reads and writes contiguously; the one transpose back to
+    the kernel's order folds into the consuming matmul.
     """
     leaf = after(anchor, leaf)
-    w = lax.stop_gradient(dense(base, after=anchor))
+    order = base.storage_order if is_base_leaf(base) else None
+    if order is None:
+        w = lax.stop_gradient(dense(base, after=anchor))
+    else:
+        w = lax.stop_gradient(base.dequantize(after=anchor, stored_order=True))
     if leaf is not None:
-        w = (w.astype(jnp.promote_types(w.dtype, jnp.float32)) + leaf.delta()).astype(w.dtype)
+        w = (w.astype(jnp.promote_types(w.dtype, jnp.float32))
+             + leaf.delta(order=order)).astype(w.dtype)
+    if order is not None:
+        w = jnp.transpose(w, np.argsort(order))
     return _replay(w, ops)
 
 

@@ -128,15 +128,26 @@ class LowRankLeaf:
         pick = {Lay.STACK: s, Lay.IN: i, Lay.OUT: o}
         return tuple(next(pick[c]) for c in self.layout)
 
-    def delta(self, dtype=None) -> jax.Array:
-        """The dense weight update ``scale * A @ B`` in the kernel's shape and axis order."""
+    def delta(self, dtype=None, order: tuple[int, ...] | None = None) -> jax.Array:
+        """The dense weight update ``scale * A @ B`` in the kernel's shape and axis order.
+
+        ``order``: the kernel's axes in this order instead (``transpose(delta, order)``). The
+        quantization order ``(*stack, *out, *in)`` is computed as ``Bᵀ·Aᵀ``, with no
+        transpose of a kernel-sized array.
+        """
         a, b = self.factors()
-        s = self.stack_shape
+        s, layout = self.stack_shape, self.layout
         a2 = a.reshape(s + (math.prod(self.in_shape), a.shape[-1]))
         b2 = b.reshape(s + (b.shape[self.stack_axes], math.prod(self.out_shape)))
+        if order is not None and tuple(order) == Lay.block_order(layout):
+            d = jnp.matmul(jnp.swapaxes(b2, -1, -2), jnp.swapaxes(a2, -1, -2))
+            d = (self.scale * d).reshape(s + self.out_shape + self.in_shape)
+            return d if dtype is None else d.astype(dtype)
         d = (self.scale * jnp.matmul(a2, b2)).reshape(s + self.in_shape + self.out_shape)
-        if self.roles and self.roles != Lay.canonical(d.ndim, self.in_axes, self.stack_axes):
-            d = jnp.transpose(d, Lay.from_canonical(self.roles))
+        canonical = Lay.to_canonical(layout)  # d's axes, as kernel axes
+        want = tuple(range(len(layout))) if order is None else tuple(order)
+        if want != canonical:
+            d = jnp.transpose(d, [canonical.index(k) for k in want])
         return d if dtype is None else d.astype(dtype)
 
     def unstack_leading(self):

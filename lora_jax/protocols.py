@@ -40,8 +40,13 @@ class BaseLeaf(Protocol):
     @property
     def nbytes(self) -> int: ...  # bytes actually stored
 
-    def dequantize(self, dtype: Any = None, *, after: jax.Array | None = None) -> jax.Array:
-        """The dense array; ``after``: an array the computation is made to depend on."""
+    @property
+    def storage_order(self) -> tuple[int, ...] | None: ...  # axis order of the stored values
+
+    def dequantize(self, dtype: Any = None, *, after: jax.Array | None = None,
+                   stored_order: bool = False) -> jax.Array:
+        """The dense array; ``after``: an array the computation is made to depend on;
+        ``stored_order``: axes in :attr:`storage_order` rather than the array's own."""
         ...
 
     def requantize(self, x: jax.typing.ArrayLike, path: str = "<array>") -> BaseLeaf:

@@ -248,3 +248,15 @@ def test_helpers():
         Lay.check("io", (2, 3, 4), "here")
     with pytest.raises(ValueError, match="'s' \\(stack\\)"):
         Lay.check("ix", (2, 3), "here")
+
+
+def test_delta_in_any_axis_order_equals_the_transposed_delta():
+    fn, params, ids = heads_first()
+    lora = randomize(lora_jax.init(params, r=2, key=K(1), layouts=lora_jax.trace(fn, params, ids)),
+                     K(2), 0.1)
+    for path in ("q/w", "kv/w", "blk/w", "o/w"):
+        leaf = lora_jax.lora.leaves(lora)[path]
+        full = np.asarray(leaf.delta())
+        for order in (Lay.block_order(leaf.layout), tuple(reversed(range(full.ndim)))):
+            np.testing.assert_allclose(np.asarray(leaf.delta(order=order)),
+                                       np.transpose(full, order), rtol=1e-6, atol=1e-7)

@@ -92,7 +92,13 @@ class QuantizedArray:
         arrays = (self.codes, self.absmax, self.absmax2, self.offset)
         return sum(-(-a.size * kernels.bits(a.dtype) // 8) for a in arrays if a is not None)
 
-    def dequantize(self, dtype: Any = None, *, after: jax.Array | None = None) -> jax.Array:
+    @property
+    def storage_order(self) -> tuple[int, ...] | None:
+        """The axis order the values are stored in (``None``: the array's own)."""
+        return self.order
+
+    def dequantize(self, dtype: Any = None, *, after: jax.Array | None = None,
+                   stored_order: bool = False) -> jax.Array:
         """The dense array, in ``dtype`` (default: the original dtype); jittable.
 
         Args:
@@ -100,9 +106,10 @@ class QuantizedArray:
           after: an array (e.g. the layer's input) that the whole dequantization is made to
             depend on, so that XLA computes the dense weight only when it is about to be used
             instead of hoisting every layer's weight to the start of the program.
+          stored_order: return it with its axes in :attr:`storage_order` (no transpose).
 
         Returns:
-          An array of the original shape.
+          An array of the original shape (or its axes in storage order).
 
         >>> from lora_jax.quant import quantize_array
         >>> q = quantize_array(jnp.linspace(-1.0, 1.0, 64), "nf4")
@@ -115,8 +122,9 @@ class QuantizedArray:
         w = kernels.dequantize_blocks(
             self.codes, self.absmax, self.absmax2, self.offset, zero, shape=flat_shape,
             fmt=self.format, block_size=self.block_size, dtype=out, storage=self.storage)
-        # A transpose that XLA folds into the consuming matmul's dimension numbers.
-        return w if self.order is None else jnp.transpose(w, np.argsort(self.order))
+        if self.order is None or stored_order:
+            return w
+        return jnp.transpose(w, np.argsort(self.order))
 
     def requantize(self, x: jax.typing.ArrayLike, path: str = "<array>") -> QuantizedArray:
         """``x`` quantized with this array's format, block size, double quantization and
