@@ -86,7 +86,7 @@ def merged_view(base, leaf, ops, anchor=None) -> jax.Array:
         w = (w.astype(jnp.promote_types(w.dtype, jnp.float32))
              + leaf.delta(order=order)).astype(w.dtype)
     if order is not None:
-        w = jnp.transpose(w, np.argsort(order))
+        w = jnp.transpose(w, tuple(int(k) for k in np.argsort(order)))
     return _replay(w, ops)
 
 

@@ -22,9 +22,10 @@ adapted kernel, with ``scale = alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,9 @@ from flax import struct
 from lora_jax import layouts as Lay
 from lora_jax import paths as P
 from lora_jax import validation as V
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 PyTree = Any
 
@@ -59,6 +63,11 @@ class LowRankLeaf:
     kind: ClassVar[str] = "LoRA"  # name shown by summary()
     peft_type: ClassVar[str] = "LORA"
     field_roles: ClassVar[dict[str, str]] = {}  # array field -> "in" | "out" | "rank"
+
+    if TYPE_CHECKING:  # what ``flax.struct.dataclass`` adds to every subclass
+        __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+        def replace(self, **updates: Any) -> Self: ...
 
     def hparams(self) -> dict[str, Any]:  # pragma: no cover - interface
         raise NotImplementedError

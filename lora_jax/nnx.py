@@ -31,7 +31,7 @@ import re
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.extend as jex
@@ -145,10 +145,13 @@ def unreturned(jaxpr: jex.core.Jaxpr, counts: Sequence[str | None]) -> list[str]
         if isinstance(o, jex.core.Literal) or o in inputs or o not in dep:
             continue
         for i in dep[o]:
-            a, b = o.aval, jaxpr.invars[i].aval
+            # Values of array code (the counts among them) have ShapedArray avals; the
+            # AbstractValue that Var.aval is declared as has no shape or dtype.
+            a, b = (cast("jax.core.ShapedArray", v.aval) for v in (o, jaxpr.invars[i]))
             if a.shape == b.shape and a.dtype == b.dtype:
                 returned.add(i)
-    return [counts[i] for i in sorted(read - returned)]
+    # ``read`` holds indices of named counts only: the filter drops nothing.
+    return [c for i in sorted(read - returned) if (c := counts[i]) is not None]
 
 
 def warn_unreturned_rng(fn: Callable, jaxpr: jex.core.Jaxpr, base: PyTree, args: tuple,

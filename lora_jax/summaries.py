@@ -104,7 +104,7 @@ def summary(lora: PyTree, base: PyTree | None = None, *, verbose: bool = False) 
     lmap = leaves(lora)
     kinds = {x.kind for x in lmap.values()}
     modules = tuple(
-        ModuleSummary(path=p, kind=x.kind, r=int(x.r), roles=x.layout,
+        ModuleSummary(path=p, kind=x.kind, r=x.r, roles=x.layout,
                       kernel_shape=tuple(x.kernel_shape), scale=float(x.scale),
                       params=int(sum(math.prod(a.shape) for a in jax.tree.leaves(x))))
         for p, x in lmap.items())

@@ -33,7 +33,7 @@ PyTree = Any
 def resolve_targets(
     params: PyTree,
     *,
-    r: int,
+    r: int | np.integer,
     alpha: float | None,
     targets: P.Pattern | None,
     exclude: P.Pattern | None,

@@ -341,6 +341,16 @@ def test_tiny_bpe_merges_by_rank():
     assert split_digits("a12b") == ["a", "1", "2", "b"]
 
 
+def test_add_bos_without_bos_id():
+    vocab = _byte_vocab()
+    a = vocab.index("a")
+    assert Tokenizer(vocab, [], bos_id=0, add_bos=True).encode("a") == [0, a]
+    tok = Tokenizer(vocab, [])
+    assert tok.encode("a") == [a]
+    with pytest.raises(ValueError, match="no bos_id"):  # was [None, a]
+        tok.encode("a", add_bos=True)
+
+
 # --------------------------------------------------------------------------- SmolLM2
 
 

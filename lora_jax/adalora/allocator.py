@@ -110,9 +110,9 @@ class Allocator:
         if bt > b0:
             raise ValueError(f"target budget {bt} exceeds the initial budget {b0}")
         # Distinct buffers for the two EMAs, so that the state can be donated to a jitted step.
-        zeros = [jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), lora) for _ in range(2)]
+        ipt, unc = (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), lora) for _ in range(2))
         mask = tdef.unflatten([jnp.ones(w.e.shape, bool) for w in ws])
-        return AllocatorState(*zeros, mask, jnp.asarray(b0, jnp.int32))
+        return AllocatorState(ipt, unc, mask, jnp.asarray(b0, jnp.int32))
 
     def update(
         self, lora: PyTree, state: AllocatorState, grads: PyTree, step: jax.typing.ArrayLike

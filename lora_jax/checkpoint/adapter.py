@@ -74,13 +74,13 @@ def adapter_meta(lora: PyTree, meta: Any, where: str) -> tuple[dict, list]:
         raise ValueError(f"{where}: the LoRA tree holds no adapter leaf: nothing to save")
     names = codec.type_names()
     arrays: list = []
-    entries = []
+    entries: list[dict[str, Any]] = []
     for path, leaf in leaves.items():
         V.adapter_leaf(path, leaf, where)
         enc = codec.encode(leaf, arrays, names, path)
         fields = {n: {**array_meta(arrays[c["i"]]), "i": c["i"]}
                   for n, c in zip(enc["f"], enc["c"]) if c["t"] == "array"}
-        entries.append({"path": path, "kind": leaf.kind, "class": enc["cls"], "r": int(leaf.r),
+        entries.append({"path": path, "kind": leaf.kind, "class": enc["cls"], "r": leaf.r,
                         "alpha": float(leaf.hparams().get("alpha", leaf.scale * leaf.r)),
                         "scale": float(leaf.scale), "kernel_shape": list(leaf.kernel_shape),
                         "static": enc["static"], "arrays": fields})
@@ -104,8 +104,9 @@ def _version() -> str:
     return getattr(lora_jax, "__version__", "unknown")
 
 
-def check_format(info: Any, where: str) -> None:
-    """Raises :class:`CheckpointError` unless ``info`` is adapter metadata this version reads."""
+def check_format(info: Any, where: str) -> dict:
+    """``info`` if it is adapter metadata this version reads; else raises
+    :class:`CheckpointError`."""
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         got = info.get("format") if isinstance(info, dict) else type(info).__name__
         raise CheckpointError(f"{where} is not a lora_jax adapter (format {got!r})")
@@ -117,6 +118,7 @@ def check_format(info: Any, where: str) -> None:
                               f"reads versions up to {FORMAT_VERSION}: upgrade lora_jax")
     if not isinstance(info.get("leaves"), list):
         raise CheckpointError(f"{where}: the adapter metadata has no list of leaves")
+    return info
 
 
 # ----------------------------------------------------------------------------------------
@@ -224,16 +226,14 @@ def _read_info(path: str) -> tuple[dict, str]:
 
     def read():
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
-            return getattr(ck.restore(path, ocp.args.Composite(
-                **{item: ocp.args.JsonRestore()})), item)
+            return ck.restore(path, ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
 
     info = files.orbax_read(f"the metadata of {path}", read)
     if train:
         if not isinstance(info, dict) or info.get("format") != TRAIN_FORMAT:
             raise CheckpointError(f"{path} is not a lora_jax train state")
         info = info.get("adapter")
-    check_format(info, path)
-    return info, "lora" if train else "arrays"
+    return check_format(info, path), "lora" if train else "arrays"
 
 
 def load_adapter(path: str | os.PathLike, *, like: PyTree | None = None,
@@ -278,8 +278,8 @@ def _restore_arrays(path: str, item: str, abstract: dict) -> dict:
 
     def read():
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
-            return getattr(ck.restore(path, ocp.args.Composite(
-                **{item: ocp.args.StandardRestore(flat)})), item)
+            return ck.restore(path, ocp.args.Composite(
+                **{item: ocp.args.StandardRestore(flat)}))[item]
 
     got = files.orbax_read(f"the arrays of {path}", read)
     out: dict[str, dict] = {p: {} for p in abstract}

@@ -23,6 +23,7 @@ lora_jax.checkpoint.codec.CheckpointError: example: metadata node '<root>': name
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import sys
 from typing import Any
@@ -146,7 +147,7 @@ class Reader:
     def error(self, node: str, msg: str) -> CheckpointError:
         return CheckpointError(f"{self.where}: metadata node {node or '<root>'!r}: {msg}")
 
-    def type(self, name: Any, node: str) -> type:
+    def type(self, name: Any, node: str) -> builtins.type:  # in this class `type` is this method
         cls = self.types.get(name) if isinstance(name, str) else None
         if cls is None and isinstance(name, str) and name.startswith("optax"):
             # optax moves classes between private modules: match on the class name alone.
@@ -289,7 +290,8 @@ def decode(node: Any, arrays: list, rd: Reader, path: str = "") -> PyTree:
             raise rd.error(path, f"PRNG key implementation {impl!r}: {e}") from None
     if t == "py":
         x = arrays[_index(node, "i", len(arrays), rd, path)]
-        kind = {"int": int, "float": float, "bool": bool}.get(node.get("type"))
+        kinds: dict[Any, type] = {"int": int, "float": float, "bool": bool}
+        kind = kinds.get(node.get("type"))
         if kind is None:
             raise rd.error(path, f"Python scalar type {node.get('type')!r}; expected int, float "
                            "or bool")

@@ -20,11 +20,14 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from typing import TypeVar
 
 import jax
 import numpy as np
 
 from lora_jax.checkpoint.codec import CheckpointError
+
+_T = TypeVar("_T")
 
 
 def disk_size(path: str | os.PathLike) -> int:
@@ -246,7 +249,7 @@ def adapter_dir(path: str | os.PathLike) -> str:
     return path
 
 
-def orbax_read(what: str, fn: Callable[[], object]):
+def orbax_read(what: str, fn: Callable[[], _T]) -> _T:
     """Runs an Orbax read; its errors (which name no file) come back naming ``what``."""
     try:
         return fn()

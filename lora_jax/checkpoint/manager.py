@@ -184,7 +184,7 @@ class Manager:
         step = self._step(step)
         where = f"checkpoint step {step} in {self.directory}"
         state = files.orbax_read(f"the metadata of {where}", lambda: self._mngr.restore(
-            step, args=ocp.args.Composite(state=ocp.args.JsonRestore())).state)
+            step, args=ocp.args.Composite(state=ocp.args.JsonRestore()))["state"])
         if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
             raise CheckpointError(f"{where} is not a lora_jax train state")
         return state
@@ -231,7 +231,8 @@ class Manager:
         info, lora_arrays = adapter_meta(lora, meta, "Manager.save")
         state = {"format": TRAIN_FORMAT, "format_version": FORMAT_VERSION, "step": step,
                  "adapter": info, "items": {}}
-        args = {"lora": ocp.args.StandardSave(as_dict(lora_arrays))}
+        args: dict[str, ocp.args.CheckpointArgs] = {
+            "lora": ocp.args.StandardSave(as_dict(lora_arrays))}
         names = codec.type_names()
         for name, tree in (("opt_state", opt_state), ("adalora", adalora), ("rng", rng)):
             _check_storable(name, tree)
@@ -259,7 +260,7 @@ class Manager:
             for s in self.steps:
                 if s >= step:
                     self._mngr.delete(s)
-        started = bool(self._mngr.save(step, args=ocp.args.Composite(**args), force=force))
+        started = self._mngr.save(step, args=ocp.args.Composite(**args), force=force)
         if not started and (force or step % self._interval == 0):
             raise RuntimeError(f"Manager.save: Orbax declined to save step {step} in "
                                f"{self.directory} (steps {self.steps})")
@@ -295,8 +296,7 @@ class Manager:
         step = self._step(step)
         state = self.metadata(step)
         where = f"checkpoint step {step} in {self.directory}"
-        info = state.get("adapter")
-        check_format(info, where)
+        info = check_format(state.get("adapter"), where)
         abstract = R.abstract_lora(info, R.unsharded, where)
         check_fit(abstract, like, base, where)
         shard, lspecs = R.lora_shardings(abstract, mesh, specs)
@@ -335,14 +335,14 @@ class Manager:
 
         leaves = {p: {} for p in abstract}
         for (p, name), key in zip(where_lora, flat_lora):
-            leaves[p][name] = got.lora[key]
+            leaves[p][name] = got["lora"][key]
         lora = R.rebuild_like({p: leaf.replace(**leaves[p]) for p, leaf in abstract.items()}, like)
         out = {}
         for name, tree in items.items():
             if counts[name] == 0:
                 out[name] = tree
                 continue
-            arrays = [getattr(got, name)[f"{i:06d}"] for i in range(counts[name])]
+            arrays = [got[name][f"{i:06d}"] for i in range(counts[name])]
             if name == "opt_state" and opt_state is not None:
                 out[name] = jax.tree.structure(tree).unflatten(arrays)
             else:  # typed keys and Python scalars come back as such

@@ -30,7 +30,7 @@ def main(argv=None):
       The GPT job's table rows, or one SmolLM2 result dict per method.
     """
     ap = argparse.ArgumentParser(prog="python -m lora_jax.demo",
-                                 description=__doc__.split("\n")[0])
+                                 description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--method", default="all",
                     help="comma-separated subset of full,lora,adalora,qlora, or 'all'")
     ap.add_argument("--model", default="gpt", choices=["gpt", "smollm2"],

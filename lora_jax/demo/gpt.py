@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +22,18 @@ import numpy as np
 import optax
 
 import lora_jax
+from lora_jax import adalora
 from lora_jax.demo.data import adapt_text, batches, eval_batches, pretrain_text, split_tokens
 from lora_jax.demo.loop import make_step, peak_bytes, require, save_tree, train
 from lora_jax.models.gpt import GPT, GPTConfig, loss_fn
 
 METHODS = ("full", "lora", "adalora", "qlora")
+
+
+def _logits(model: GPT, params, tok) -> jax.Array:
+    # flax annotates Module.apply as `Any | (output, variables)`, the pair being for
+    # mutable=...; without mutable the result is the model's output, the logits.
+    return cast(jax.Array, model.apply(params, tok))
 
 
 def pretrained_gpt(*, d: int = 128, layers: int = 4, steps: int = 300, batch: int = 16,
@@ -46,7 +54,7 @@ def pretrained_gpt(*, d: int = 128, layers: int = 4, steps: int = 300, batch: in
 
     @jax.jit
     def step(p, o, tok):
-        loss, g = jax.value_and_grad(lambda p: loss_fn(model.apply(p, tok), tok))(p)
+        loss, g = jax.value_and_grad(lambda p: loss_fn(_logits(model, p, tok), tok))(p)
         upd, o = tx.update(g, o, p)
         return optax.apply_updates(p, upd), o, loss
 
@@ -137,8 +145,8 @@ def run(methods=METHODS, *, pretrain_steps: int = 300, steps: int = 150, rank: i
                                           batch=batch, seq=seq, lr=lr, seed=seed, quiet=quiet)
     ad_train, test = data_["adapt_train"], data_["adapt_test"]
 
-    full_loss = lambda p, _, tok: loss_fn(model.apply(p, tok), tok)  # noqa: E731
-    evaluate = jax.jit(lambda p, tok: loss_fn(model.apply(p, tok), tok))
+    full_loss = lambda p, _, tok: loss_fn(_logits(model, p, tok), tok)  # noqa: E731
+    evaluate = jax.jit(lambda p, tok: loss_fn(_logits(model, p, tok), tok))
     before = float(np.mean([evaluate(params, t) for t in test]))
 
     out = out or tempfile.mkdtemp(prefix="lora_jax_demo_")
@@ -161,8 +169,6 @@ def run(methods=METHODS, *, pretrain_steps: int = 300, steps: int = 150, rank: i
             loss_of = lambda l, b, tok: loss_fn(f(b, l, tok), tok)  # noqa: E731
             post, extra = None, []
         else:  # adalora: init_r = 1.5 x rank, pruned to rank by the end
-            from lora_jax import adalora
-
             tx = optax.adamw(lr)
             base = params
             trainable = adalora.init(params, init_r=(3 * rank) // 2, target_r=rank,

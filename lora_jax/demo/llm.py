@@ -21,6 +21,7 @@ import os
 import resource
 import tempfile
 import time
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -111,7 +112,9 @@ def main(method: str = "qlora", steps: int = 20, *, rank: int = 8, alpha: float 
     f_lora = lora_jax.apply(model.apply)
 
     evaluate = jax.jit(lambda b, lo, t: loss_fn(f_lora(b, lo, t), t))
-    evaluate_dense = jax.jit(lambda p, t: loss_fn(model.apply(p, t), t))
+    # flax annotates Module.apply as `Any | (output, variables)`, the pair being for
+    # mutable=...; without mutable the result is the model's output, the logits.
+    evaluate_dense = jax.jit(lambda p, t: loss_fn(cast(jax.Array, model.apply(p, t)), t))
     ppl_orig = perplexity(lambda t: evaluate_dense(params, t), test)
     ppl_before = perplexity(lambda t: evaluate(base, lora, t), test) if method == "qlora" \
         else ppl_orig
@@ -179,7 +182,7 @@ def main(method: str = "qlora", steps: int = 20, *, rank: int = 8, alpha: float 
 
 def cli(argv=None):
     ap = argparse.ArgumentParser(prog="python -m lora_jax.demo_llm",
-                                 description=__doc__.split("\n")[0])
+                                 description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--method", choices=("qlora", "lora"), default="qlora")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rank", type=int, default=8)

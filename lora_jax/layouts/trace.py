@@ -189,8 +189,7 @@ def _scan(rec: _Recorder, eqn, ins) -> list:
             continue
         path, v = x
         shape = rec.shapes[path]
-        atoms = None if v.axes is None else [k for k in v.axes[0] if shape[k] != 1]
-        if atoms is None or len(atoms) != 1:
+        if v.axes is None or len(atoms := [k for k in v.axes[0] if shape[k] != 1]) != 1:
             rec.use(path, "scan (sliced across kernel axes)")
             body_in.append(None)
             continue

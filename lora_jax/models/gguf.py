@@ -43,7 +43,7 @@ import importlib.util
 import math
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import jax.numpy as jnp
 import numpy as np
@@ -179,7 +179,7 @@ def dequantize(raw: np.ndarray, ggml_type: int | str, shape: tuple[int, ...]) ->
       NotImplementedError: a type not in :data:`GGML_TYPES`.
       ValueError: the byte count does not fit the shape.
     """
-    name = ggml_type if isinstance(ggml_type, str) else GGML_TYPES.get(int(ggml_type), (None,))[0]
+    name = ggml_type if isinstance(ggml_type, str) else GGML_TYPES.get(ggml_type, (None,))[0]
     if name not in _TYPE_IDS:
         raise NotImplementedError(
             f"GGUF tensor type {ggml_type!r} is not supported; supported: {sorted(_TYPE_IDS)}")
@@ -275,7 +275,7 @@ def read(path: str | os.PathLike) -> GGUFFile:
     tensors = {}
     for t in reader.tensors:
         kind = GGML_TYPES.get(int(t.tensor_type), (t.tensor_type.name,))[0]
-        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        shape = tuple(int(s) for s in t.shape[::-1])
         tensors[t.name] = (kind, shape, t.data)
     return GGUFFile(os.fspath(path), metadata, tensors)
 
@@ -366,7 +366,7 @@ def load_llama(source: str | os.PathLike | GGUFFile, dtype: Any = jnp.float32,
     except ValueError as e:
         raise ValueError(f"{g.path}: {e}") from None
     t = g.tensor
-    hd = cfg.head_dim
+    hd = cast(int, cfg.head_dim)  # never None: LlamaConfig.__post_init__ fills it in
 
     def checked(name, shape):
         if name not in g.tensors:

@@ -30,7 +30,8 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, NamedTuple
+from collections.abc import Hashable
+from typing import Any, NamedTuple, cast
 
 import flax.linen as nn
 import jax
@@ -71,12 +72,13 @@ class LlamaConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
+        head_dim = self.d // self.heads if self.head_dim is None else self.head_dim
         if self.head_dim is None:
-            object.__setattr__(self, "head_dim", self.d // self.heads)
+            object.__setattr__(self, "head_dim", head_dim)
         if self.heads % self.kv_heads:
             raise ValueError(f"LlamaConfig: heads={self.heads} is not a multiple of "
                              f"kv_heads={self.kv_heads}")
-        if self.head_dim % 2:
+        if head_dim % 2:
             raise ValueError(f"LlamaConfig: head_dim={self.head_dim} must be even for RoPE")
 
     def to_hf(self) -> dict:
@@ -131,7 +133,8 @@ class Attention(nn.Module):
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         b, t, _ = x.shape
-        hd, kvh, g = cfg.head_dim, cfg.kv_heads, cfg.heads // cfg.kv_heads
+        hd = cast(int, cfg.head_dim)  # never None: LlamaConfig.__post_init__ fills it in
+        kvh, g = cfg.kv_heads, cfg.heads // cfg.kv_heads
         dense = lambda n, f: nn.Dense(f, use_bias=False, dtype=dt, name=n)  # noqa: E731
         q = dense("q_proj", cfg.heads * hd)(x).reshape(b, t, cfg.heads, hd)
         k = dense("k_proj", kvh * hd)(x).reshape(b, t, kvh, hd)
@@ -140,6 +143,8 @@ class Attention(nn.Module):
         if cache_kv is None:
             key_pos = positions
         else:
+            if cache_len is None:
+                raise TypeError("Attention: cache_kv needs cache_len")
             ck, cv = cache_kv
             k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_len, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_len, axis=1)
@@ -202,7 +207,7 @@ class Llama(nn.Module):
         for i in range(cfg.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             x, kv = Block(cfg, name=f"layers_{i}")(x, positions, kv, start)
-            if cache is not None:
+            if kv is not None:  # as cache is: the block returns the cache it was given
                 ks.append(kv[0])
                 vs.append(kv[1])
         x = nn.RMSNorm(epsilon=cfg.rms_eps, dtype=dt, name="norm")(x)
@@ -288,7 +293,8 @@ def generate(model: Llama, variables: Any, tokens: jax.typing.ArrayLike, n: int,
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim == 1:
         tokens = tokens[None]
-    run = _generator(model, tokens.shape[1], n, temperature == 0, top_k)
+    # Linen modules hash (flax builds them with unsafe_hash); their dataclass stubs say not.
+    run = _generator(cast(Hashable, model), tokens.shape[1], n, temperature == 0, top_k)
     key = jax.random.key(0) if key is None else key
     return run(variables, tokens, key, jnp.float32(max(temperature, 1e-6)),
                jnp.int32(-1 if eos_id is None else eos_id))
@@ -343,8 +349,9 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
 
 def hf_names(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
     """Hugging Face tensor name -> path in the Flax params (kernels are transposed weights)."""
-    names = {"model.embed_tokens.weight": ("embed_tokens", "embedding"),
-             "model.norm.weight": ("norm", "scale")}
+    names: dict[str, tuple[str, ...]] = {
+        "model.embed_tokens.weight": ("embed_tokens", "embedding"),
+        "model.norm.weight": ("norm", "scale")}
     for i in range(cfg.layers):
         h, f = f"model.layers.{i}.", f"layers_{i}"
         names[h + "input_layernorm.weight"] = (f, "input_layernorm", "scale")

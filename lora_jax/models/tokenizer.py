@@ -30,7 +30,7 @@ import functools
 import os
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, SupportsInt
 
 # llama.cpp pre-tokenizer names whose first step isolates every \p{N} character
 _DIGIT_SPLIT = {"smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva"}
@@ -224,8 +224,15 @@ class Tokenizer:
           special: match special-token strings (``<|im_start|>``) as single tokens; otherwise
             they are encoded as plain text.
           add_bos: prepend ``bos_id`` (default: the file's ``add_bos_token``).
+
+        Raises:
+          ValueError: ``add_bos`` for a tokenizer without ``bos_id``.
         """
-        ids = [self.bos_id] if (self.add_bos if add_bos is None else add_bos) else []
+        ids: list[int] = []
+        if self.add_bos if add_bos is None else add_bos:
+            if self.bos_id is None:
+                raise ValueError("encode: add_bos, but the tokenizer has no bos_id")
+            ids.append(self.bos_id)
         for chunk, is_special in self._split_special(text) if special else [(text, False)]:
             if is_special:
                 ids.append(self.special[chunk])
@@ -252,7 +259,7 @@ class Tokenizer:
             out.append((text[start:], False))
         return out
 
-    def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
+    def decode(self, ids: Iterable[SupportsInt], *, skip_special: bool = False) -> str:
         """Text of ``ids``; bytes that are not valid UTF-8 become U+FFFD."""
         out, buf = [], bytearray()
         for i in ids:

@@ -128,13 +128,14 @@ def load(
         if lacking:
             raise ValueError(f"load: target_modules selects {few(lacking)} but the adapter has "
                              "no tensors for them")
+    masks: dict[str, np.ndarray] = {}  # AdaLoRA's pruned ranks
     if ada:
         if cfg.get("alpha_pattern") or cfg.get("use_rslora"):
             warnings.warn("load: PEFT's AdaLoRA ignores alpha_pattern and use_rslora; so does "
                           "this load", stacklevel=2)
         masks = adalora_masks(cfg.get("rank_pattern"), int(cfg.get("init_r", 12)))
     dropout = float(cfg.get("lora_dropout") or 0.0)
-    out = {}
+    out: dict[str, L.LowRankLeaf] = {}
     for path, t in targets.items():
         present = [m for m in t.modules if m[1] in mods]
         if not present:

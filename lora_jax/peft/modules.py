@@ -62,7 +62,7 @@ def _layer_kind(path: str, core_ndim: int, in_axes: int) -> str:
     return "linear"
 
 
-def tile(parts: list[Part], out_size: int, path: str) -> list[tuple[str, slice | None]]:
+def tile(parts: list[Part], out_size: int, path: str) -> Sequence[tuple[str, slice | None]]:
     """Validates fused slices (they must tile the output axis); sorted by start."""
     if len(parts) == 1 and parts[0].out is None:
         return [(parts[0].template, None)]

@@ -10,8 +10,8 @@ parameter without importing it. :data:`FORMATS` and :data:`STORAGES` are the val
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, SupportsInt
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,9 @@ from lora_jax.anchors import zero_from
 from lora_jax.protocols import register_base_leaf
 from lora_jax.quant import kernels
 from lora_jax.quant.bnb import DQ_BLOCK
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 FORMATS = ("nf4", "fp4", "int4", "int8")
 STORAGES = ("packed", "native")
@@ -67,6 +70,9 @@ class QuantizedArray:
     double_quant: bool = struct.field(pytree_node=False)
     storage: str = struct.field(pytree_node=False, default="packed")
     order: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
+
+    if TYPE_CHECKING:  # added by ``flax.struct.dataclass``
+        def replace(self, **updates: Any) -> Self: ...
 
     @property
     def dtype(self) -> np.dtype:
@@ -124,7 +130,8 @@ class QuantizedArray:
             fmt=self.format, block_size=self.block_size, dtype=out, storage=self.storage)
         if self.order is None or stored_order:
             return w
-        return jnp.transpose(w, np.argsort(self.order))
+        # A transpose that XLA folds into the consuming matmul's dimension numbers.
+        return jnp.transpose(w, tuple(int(k) for k in np.argsort(self.order)))
 
     def requantize(self, x: jax.typing.ArrayLike, path: str = "<array>") -> QuantizedArray:
         """``x`` quantized with this array's format, block size, double quantization and
@@ -239,7 +246,7 @@ class QuantizedArray:
 register_base_leaf(QuantizedArray)
 
 
-def normal_order(order: tuple[int, ...] | None) -> tuple[int, ...] | None:
+def normal_order(order: Sequence[SupportsInt] | None) -> tuple[int, ...] | None:
     """``None`` for the identity (row-major) order, else the order as a tuple of ints."""
     if order is None or tuple(order) == tuple(range(len(order))):
         return None

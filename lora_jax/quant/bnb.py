@@ -34,6 +34,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 
 _F32 = np.float32
 DQ_BLOCK = 256  # bitsandbytes quantizes the absmax in blocks of 256
@@ -72,11 +73,11 @@ def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
     for the second; its AVX2 build contracts both to FMAs (one rounding), which float64 reproduces
     exactly here because the products and sums fit in 53 bits.
     """
-    start, end = _F32(start), _F32(end)
-    step = np.float64((end - start) / _F32(steps - 1))
+    start32, end32 = _F32(start), _F32(end)
+    step = np.float64((end32 - start32) / _F32(steps - 1))
     i = np.arange(steps)
-    values = np.where(i < steps // 2, np.float64(start) + step * i,
-                      np.float64(end) - step * (steps - 1 - i))
+    values = np.where(i < steps // 2, np.float64(start32) + step * i,
+                      np.float64(end32) - step * (steps - 1 - i))
     return values.astype(_F32)
 
 
@@ -92,7 +93,7 @@ def dynamic_map() -> np.ndarray:
     return np.sort(np.concatenate(parts))
 
 
-def _to_ordered(v: np.ndarray) -> np.ndarray:
+def _to_ordered(v: npt.ArrayLike) -> np.ndarray:
     bits = np.asarray(v, _F32).view(np.int32).astype(np.int64)
     return np.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
 

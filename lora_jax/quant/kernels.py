@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -152,7 +153,8 @@ def quantize_blocks(x, *, fmt, block_size, double_quant, storage):
         midpoints, order = bnb.bounds(fmt)
         if scaled.shape[0] % 2:
             scaled = jnp.pad(scaled, (0, 1))
-        pos = sum((scaled > m).astype(jnp.uint8) for m in midpoints)  # bucketize, right=False
+        # bucketize, right=False; an array, not sum()'s start 0: there are 15 midpoints
+        pos = cast(jax.Array, sum((scaled > m).astype(jnp.uint8) for m in midpoints))
         q = pos if np.array_equal(order, np.arange(16)) else jnp.asarray(order)[pos]
         codes = store(q, fmt, storage)
     if not double_quant:

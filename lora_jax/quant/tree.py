@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,8 @@ from lora_jax.quant.array import FORMATS, QuantizedArray, check_storage, is_quan
 BLOCKS = ("input", "row-major")
 
 
-def check_config(format: str, block_size: int, where: str, storage: str = "packed") -> int:
+def check_config(format: str, block_size: int | np.integer, where: str,
+                 storage: str = "packed") -> int:
     """``block_size`` as an int, after checking the format, block size and storage."""
     if format not in FORMATS:
         raise ValueError(
@@ -85,12 +86,15 @@ def quantize_array(
         except (TypeError, ValueError):
             raise TypeError(f"{path}: cannot quantize a {type(x).__name__}; expected a "
                             "floating-point array") from None
+    # Python scalars, the only array-likes without a dtype, became arrays just above.
+    x = cast("jax.Array | np.ndarray | np.number | np.bool_", x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{path}: cannot quantize an array of dtype {x.dtype}; "
                         "expected a floating-point array (bf16, f16, f32 or f64)")
     if math.prod(x.shape) == 0:
         raise ValueError(f"{path}: cannot quantize an empty array of shape {tuple(x.shape)}")
-    double_quant = bool(double_quant)
+    # A static field, hashed and saved in checkpoints: a numpy bool (or 0/1) becomes a bool.
+    double_quant = bool(double_quant)  # pyrefly: ignore[unnecessary-type-conversion]
     if order is not None:
         if sorted(order) != list(range(len(x.shape))):
             raise ValueError(f"{path}: order {tuple(order)} is not a permutation of the axes of "

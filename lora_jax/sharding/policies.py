@@ -139,7 +139,7 @@ def tensor_parallel(
     column_modules = set()
     for path, x in flat:
         shape = tuple(x.shape)
-        entries = [None] * len(shape)
+        entries: list[str | None] = [None] * len(shape)
         kind = "column" if P.matches(path, cols) else "row" if P.matches(path, rows) else None
         if kind and len(shape) - stack_axes >= 2:
             ia = P.setting_for(in_axes, path, None, None) or P.default_in_axes(path, shape,

@@ -17,6 +17,7 @@ from jax import lax
 from lora_jax import fast_dot
 from lora_jax import layouts as Lay
 from lora_jax import paths as P
+from lora_jax.leaves import LowRankLeaf
 from lora_jax.transform.interpreter import Config, Tagged, bind, fallback, note, rule
 
 
@@ -47,17 +48,16 @@ def dot_general(cfg: Config, eqn, invals):
     return _dot(cfg, eqn, invals, tagged[0])
 
 
-def _lowrank_layout(t: Tagged, w_contract, w_batch, w_free):
-    """How the view's contracted/batch/free dims map onto the adapter, or a reason string."""
-    if t.axes is None:
+def _lowrank_layout(t: Tagged, lora: LowRankLeaf, w_contract, w_batch, w_free):
+    """How the view's contracted/batch/free dims map onto the adapter ``lora`` (``t.lora``),
+    or a reason string."""
+    axes = t.axes
+    if axes is None:
         return "the weight was reshaped across kernel axes"
     ks = t.kernel_shape
-    roles = t.lora.layout
-
-    def atoms(dims):
-        return tuple(k for d in dims for k in t.axes[d] if ks[k] != 1)
-
-    c, b, f = atoms(w_contract), atoms(w_batch), atoms(w_free)
+    roles = lora.layout
+    c, b, f = (tuple(k for d in dims for k in axes[d] if ks[k] != 1)
+               for dims in (w_contract, w_batch, w_free))
     fixed = tuple(k for k, _ in t.fixed)
     stack, ins, outs = (tuple(k for k in range(len(ks)) if roles[k] == ch and ks[k] != 1)
                         for ch in (Lay.STACK, Lay.IN, Lay.OUT))
@@ -126,7 +126,7 @@ def _dot_inner(cfg: Config, eqn, invals, wi, t: Tagged, x, params):
     if t.lora is None:  # a quantized base weight without adapter: dequantize at use
         note(cfg, t.path, "dot_general", "dequantize")
         return fast_dot.base_dot_general(x, t.base, ops=t.ops, w_is_lhs=wi == 0, params=params)
-    layout = _lowrank_layout(t, w_contract, w_batch, w_free)
+    layout = _lowrank_layout(t, t.lora, w_contract, w_batch, w_free)
     if isinstance(layout, str):
         return fallback(cfg, eqn, invals, layout)
     spec = fast_dot.DotSpec(
@@ -140,7 +140,7 @@ def _dot_inner(cfg: Config, eqn, invals, wi, t: Tagged, x, params):
     )
     if t.lora.dropout > 0.0 and cfg.rng is not None:
         note(cfg, t.path, "dot_general", "fast-dropout")
-        key = use_key(cfg, t.path)
+        key = use_key(cfg, cfg.rng, t.path)
         keep = 1.0 - t.lora.dropout
         mask = jax.random.bernoulli(key, keep, x.shape)
         xd = jnp.where(mask, x / keep, 0).astype(x.dtype)
@@ -149,10 +149,11 @@ def _dot_inner(cfg: Config, eqn, invals, wi, t: Tagged, x, params):
     return fast_dot.lora_dot_general(x, t.base, t.lora, spec)
 
 
-def use_key(cfg: Config, path: str) -> jax.Array:
+def use_key(cfg: Config, rng: jax.Array, path: str) -> jax.Array:
+    """A fresh key for ``path`` from ``rng`` (``cfg.rng``, checked not None by the caller)."""
     n = cfg.use_count.get(path, 0)
     cfg.use_count[path] = n + 1
-    k = P.path_key(cfg.rng, path)
+    k = P.path_key(rng, path)
     return jax.random.fold_in(k, n)
 
 
@@ -175,7 +176,7 @@ def gather(cfg: Config, eqn, invals):
         and not getattr(dn, "operand_batching_dims", ())
         and tuple(eqn.params["slice_sizes"]) == (1, ks[1])
     )
-    if not plain:
+    if lr is None or not plain:  # (plain implies lr is not None)
         return fallback(cfg, eqn, invals, "gather other than a row lookup")
     note(cfg, t.path, "gather", "gather")
     w0 = fast_dot.merged_view(t.base, None, t.ops)
@@ -188,7 +189,7 @@ def gather(cfg: Config, eqn, invals):
     a_rows = jnp.moveaxis(a_rows, off, -1)
     if lr.dropout > 0.0 and cfg.rng is not None:
         keep = 1.0 - lr.dropout
-        mask = jax.random.bernoulli(use_key(cfg, t.path), keep, a_rows.shape)
+        mask = jax.random.bernoulli(use_key(cfg, cfg.rng, t.path), keep, a_rows.shape)
         a_rows = jnp.where(mask, a_rows / keep, 0)
     delta = lr.scale * (a_rows @ b)
     delta = jnp.moveaxis(delta, -1, off).astype(rows.dtype)
