@@ -44,7 +44,8 @@ from lora_jax import protocols
 PyTree = Any
 
 
-def functional(graphdef: nnx.GraphDef, method: str | Callable = "__call__") -> Callable:
+def functional(graphdef: nnx.GraphDef, method: str | Callable = "__call__", *,
+               param_filter: Any = nnx.Param) -> Callable:
     """An NNX model as a pure function that returns its updated non-parameter state.
 
     ``fn(params, rest, *args, **kwargs) -> (out, new_rest)`` merges ``graphdef`` with
@@ -57,6 +58,8 @@ def functional(graphdef: nnx.GraphDef, method: str | Callable = "__call__") -> C
       graphdef: the model's graph definition, from ``nnx.split``.
       method: the method to call, by name (default ``"__call__"``), or a function
         ``method(model, *args, **kwargs)``.
+      param_filter: the NNX filter that split off ``params`` (default ``nnx.Param``); everything
+        else is ``rest`` and comes back.
 
     Returns:
       ``fn(params, rest, *args, **kwargs) -> (out, new_rest)``.
@@ -74,7 +77,7 @@ def functional(graphdef: nnx.GraphDef, method: str | Callable = "__call__") -> C
         call = getattr(model, method) if isinstance(method, str) else (
             lambda *a, **k: method(model, *a, **k))
         out = call(*args, **kwargs)
-        return out, nnx.state(model, nnx.Not(nnx.Param))
+        return out, nnx.state(model, nnx.Not(param_filter))
 
     return fn
 
