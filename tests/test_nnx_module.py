@@ -201,6 +201,15 @@ def test_head_adapted_by_default_and_excluded_on_request():
     assert set(lora_jax.lora.leaves(no_head)) == paths - {"head/kernel"}
 
 
+def test_traced_layouts_and_another_method():
+    model = make_mlp(train=False)
+    lm = randomized(LoRA(model, r=2, layouts=lora_jax.nnx.trace(model, IDS), rngs=nnx.Rngs(0)))
+    assert set(lora_jax.lora.leaves(lm.adapters())) == {"up/kernel", "head/kernel"}
+    hidden = lambda m, ids: m.up(m.tok(ids))
+    got = nnx.jit(lambda lm: lm.call(hidden, IDS))(lm)
+    assert max_rel_err(got, hidden(lm.merge(), IDS)) < 1e-5
+
+
 # ----------------------------------------------------------------------------------------
 # The ordinary LoRA tree: summary, report, checkpoints, PEFT
 
@@ -295,6 +304,13 @@ def test_adalora_module_matches_the_functional_allocator():
     ref_final, ref_ranks = lora_jax.adalora.finalize(lora, state)
     assert ranks == ref_ranks and sum(ranks.values()) == len(ranks)  # target_r=1 each
     assert max_rel_err(final, ref_final) < 1e-4
+    # Resuming: a fresh module given the adapters and the allocator state is the same one.
+    again = AdaLoRA(make_mlp(train=False), 3, 1, allocator=alloc, rngs=nnx.Rngs(0))
+    again.set_adapters(lm.adapters())
+    again.set_allocator_state(lm.allocator_state(), step=lm.step.get_value())
+    assert again.finalize()[1] == ranks and int(again.step.get_value()) == 6
+    with pytest.raises(ValueError, match=r"set_allocator_state: the state does not fit"):
+        again.set_allocator_state(lm.allocator_state()._replace(mask={}))
 
 
 # ----------------------------------------------------------------------------------------

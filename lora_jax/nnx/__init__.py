@@ -14,7 +14,7 @@ Loaded on first use of ``lora_jax.nnx`` (``import lora_jax`` does not import ``f
 
 from lora_jax.nnx.adaptive import AdaLoRA
 from lora_jax.nnx.module import LoRA
-from lora_jax.nnx.pure import functional, rng_count_paths, unreturned, warn_unreturned_rng
+from lora_jax.nnx.pure import functional, rng_count_paths, trace, unreturned, warn_unreturned_rng
 from lora_jax.nnx.variables import AdaLoraState, FrozenParam, LoraParam
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "LoraParam",
     "functional",
     "rng_count_paths",
+    "trace",
     "unreturned",
     "warn_unreturned_rng",
 ]

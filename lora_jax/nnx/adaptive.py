@@ -91,6 +91,25 @@ class AdaLoRA(LoRA):
         ``adalora.finalize``, or a ``checkpoint.Manager``)."""
         return jax.tree.unflatten(self.state_def, [v.get_value() for v in self.allocator_arrays])
 
+    def set_allocator_state(self, state: adalora.AllocatorState,
+                            step: jax.typing.ArrayLike | None = None) -> None:
+        """Loads an allocator state (from a checkpoint, to resume), and the step counter.
+
+        Raises:
+          ValueError: ``state`` does not fit this module's adapters.
+        """
+        arrays, tdef = jax.tree.flatten(state)
+        if tdef != self.state_def:
+            raise ValueError(f"set_allocator_state: the state does not fit this module's "
+                             f"adapters: {tdef} != {self.state_def}")
+        for v, x in zip(self.allocator_arrays, arrays):
+            if tuple(jnp.shape(x)) != tuple(v.get_value().shape):
+                raise ValueError(f"set_allocator_state: an array of shape {jnp.shape(x)} where "
+                                 f"the state has {v.get_value().shape}")
+            v.set_value(jnp.asarray(x))
+        if step is not None:
+            self.step.set_value(jnp.asarray(step, jnp.int32))
+
     def update(self, grads: Any, step: jax.typing.ArrayLike | None = None) -> None:
         """One allocation step (PEFT's ``update_and_allocate``), after the optimizer step.
 

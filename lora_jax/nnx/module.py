@@ -114,8 +114,13 @@ class LoRA(nnx.Module):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """The model's output with the adapters applied; the model's state is updated."""
+        return self.call(self.method, *args, **kwargs)
+
+    def call(self, method: str | Callable, *args: Any, **kwargs: Any) -> Any:
+        """Another method of the model with the adapters applied (``lm.call("encode", x)``),
+        by name or as ``fn(model, *args)``."""
         graphdef, base, rest = nnx.split(self.model, FrozenParam, ...)
-        fn = functional(graphdef, self.method, param_filter=FrozenParam)
+        fn = functional(graphdef, method, param_filter=FrozenParam)
         rng = self.rngs.dropout() if self.lora_dropout and not self.deterministic else None
         out, rest = apply(fn, strict=self.strict, compute_dtype=self.compute_dtype)(
             base, self.adapters(), rest, *args, lora_rng=rng, **kwargs)

@@ -82,6 +82,23 @@ def functional(graphdef: nnx.GraphDef, method: str | Callable = "__call__", *,
     return fn
 
 
+def trace(model: nnx.Module, *args: Any, method: str | Callable = "__call__", **kwargs: Any):
+    """:func:`lora_jax.trace` for an NNX model: every weight's layout as ``model(*args)``
+    uses it, for ``layouts=`` of :func:`lora_jax.init`, :class:`lora_jax.nnx.LoRA` and
+    :func:`lora_jax.quantize`. Runs no FLOPs.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> lay = trace(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), jnp.ones((1, 3)))
+    >>> lay["kernel"].roles
+    'io'
+    """
+    from lora_jax.layouts import trace as trace_layouts
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return trace_layouts(functional(graphdef, method), params, rest, *args, **kwargs)
+
+
 # ----------------------------------------------------------------------------------------
 # Detecting an RNG count that a function reads but does not return
 
