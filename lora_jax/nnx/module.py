@@ -56,10 +56,13 @@ class LoRA(nnx.Module):
     dropout together.
 
     Targets: by default every float weight named ``kernel``, ``w`` or ``weight`` with two or
-    more axes: every ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum``, ``nnx.Conv`` and
+    more axes: every ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum`` and
     ``nnx.MultiHeadAttention`` projection, **including the output head**; never embeddings,
     biases or norms. Exclude the head with ``exclude=r"head/kernel"`` (a regex over the
     '/'-joined parameter paths, e.g. ``"blocks/0/attn/value/kernel"``; see ``lm.summary()``).
+    With ``layouts=lora_jax.nnx.trace(model, x)`` the targets and their input/output axes come
+    from how the model uses each weight (convolutions, einsum kernels with the input axis
+    anywhere, fused projections) instead of from names.
 
     Args:
       model: the ``nnx.Module`` to adapt. Its arrays are shared, not copied: ``del`` your
