@@ -332,11 +332,15 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(TypeError, match=r"allocator must be a lora_jax.adalora.Allocator"):
         AdaLoRA(make(), 2, 1, allocator={"total_steps": 5}, rngs=nnx.Rngs(0))
     other = lora_jax.init(nnx.state(make(), nnx.Param), r=1, key=jax.random.key(0))
-    with pytest.raises(ValueError, match=r"blocks/0/.*kernel"):
+    before = values(lm.adapters())
+    with pytest.raises(ValueError, match=r"adapter at 'blocks/0/.*kernel' .* of rank 1 .*"
+                                         r"expected .* of rank 2"):
         lm.set_adapters(other)              # rank 1 where the module has rank 2
     partial = {"head": lm.adapters()["head"]}
     with pytest.raises(ValueError, match=r"no adapter at 'blocks/0/"):
         lm.set_adapters(partial)
+    for a, b in zip(values(lm.adapters()), before):  # nothing written on an error
+        np.testing.assert_array_equal(a, b)
     with pytest.raises(TypeError, match=r"unmerge: expected the plain nnx.Module"):
         lm.unmerge(nnx.state(make()))
     ada = AdaLoRA(make(), 2, 1, allocator=lora_jax.adalora.Allocator(total_steps=5),

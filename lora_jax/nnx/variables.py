@@ -78,26 +78,37 @@ def unpack(tree: Any, defs: Defs) -> dict:
 
 
 def assign(tree: Any, defs: Defs, lora: PyTree) -> None:
-    """Writes the arrays of the LoRA tree ``lora`` into the variables of ``tree``."""
+    """Writes the arrays of the LoRA tree ``lora`` into the variables of ``tree``.
+
+    Everything is checked before anything is written: on an error the variables are as
+    they were.
+    """
     got = leaves(lora)
+    extra = sorted(set(got) - {p for p, _, _ in defs})
+    if extra:
+        raise ValueError(f"the LoRA tree has adapters this module does not adapt: {extra[:4]}")
+    writes = []
     for path, treedef, names in defs:
         if path not in got:
             raise ValueError(f"the LoRA tree has no adapter at {path!r}, which this module adapts"
                              f" (it has {sorted(got)[:4]})")
         pairs, tdef = jax.tree_util.tree_flatten_with_path(got[path])
-        if tdef != treedef:
-            raise ValueError(f"adapter at {path!r} is {tdef}, expected {treedef} (the same kind,"
-                             " rank and settings as this module's)")
         node = _get(tree, path)
+        if tdef != treedef:
+            mine = jax.tree.unflatten(treedef, [_value(node[n]) for n in names])
+            theirs = got[path]
+            raise ValueError(f"adapter at {path!r} is a {type(theirs).__name__} of rank "
+                             f"{theirs.r} with {theirs.hparams()}, expected a "
+                             f"{type(mine).__name__} of rank {mine.r} with {mine.hparams()} "
+                             "(this module's kind and settings)")
         for n, (_, x) in zip(names, pairs):
             old = node[n]
             if tuple(x.shape) != tuple(old.shape):
                 raise ValueError(f"adapter array {path}/{n} has shape {tuple(x.shape)}, expected "
                                  f"{tuple(old.shape)}")
-            old.set_value(x)
-    extra = sorted(set(got) - {p for p, _, _ in defs})
-    if extra:
-        raise ValueError(f"the LoRA tree has adapters this module does not adapt: {extra[:4]}")
+            writes.append((old, x))
+    for var, x in writes:
+        var.set_value(x)
 
 
 def _get(tree: Any, path: str) -> Any:
