@@ -201,6 +201,23 @@ def test_head_adapted_by_default_and_excluded_on_request():
     assert set(lora_jax.lora.leaves(no_head)) == paths - {"head/kernel"}
 
 
+def test_modules_to_save_train_in_full_beside_the_adapters():
+    lm = randomized(LoRA(make_mlp(train=False), r=2, exclude=r"head/kernel",
+                         modules_to_save=r"head/.*", rngs=nnx.Rngs(0)))
+    grads = nnx.jit(nnx.grad(lambda m: xent(m(IDS), IDS)))(lm)  # wrt=nnx.Param
+    by_type = {}
+    for kp, v in jax.tree_util.tree_flatten_with_path(
+            grads, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+        by_type.setdefault(type(v), []).append(lora_jax.paths.path_str(kp))
+    assert sorted(by_type[nnx.Param]) == ["model/head/bias", "model/head/kernel"]
+    assert set(by_type) == {nnx.Param, LoraParam}
+    # Reference: the plain merged model's own gradient for the head.
+    ref = nnx.grad(lambda m: xent(m(IDS), IDS))(lm.merge())
+    assert max_rel_err(grads["model"]["head"], ref["head"]) < 1e-5
+    with pytest.raises(ValueError, match=r"modules_to_save \['nope'\] matches no parameter"):
+        LoRA(make_mlp(), r=2, modules_to_save="nope", rngs=nnx.Rngs(0))
+
+
 def test_traced_layouts_and_another_method():
     model = make_mlp(train=False)
     lm = randomized(LoRA(model, r=2, layouts=lora_jax.nnx.trace(model, IDS), rngs=nnx.Rngs(0)))

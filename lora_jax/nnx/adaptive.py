@@ -71,7 +71,7 @@ class AdaLoRA(LoRA):
                  allocator: adalora.Allocator, rngs: nnx.Rngs, alpha: float | None = None,
                  quantize: str | None = None, block_size: int = 64, double_quant: bool = True,
                  strict: bool = False, compute_dtype: Any = None, method: Any = "__call__",
-                 **kwargs: Any):
+                 modules_to_save: Any = None, **kwargs: Any):
         if not isinstance(allocator, adalora.Allocator):
             raise TypeError(f"AdaLoRA: allocator must be a lora_jax.adalora.Allocator, got a "
                             f"{type(allocator).__name__}")
@@ -79,7 +79,7 @@ class AdaLoRA(LoRA):
         lora = adalora.init(params, init_r, target_r, key=rngs.params(), alpha=alpha, **kwargs)
         self._wrap(graphdef, params, rest, lora, rngs, quantize=quantize, block_size=block_size,
                    double_quant=double_quant, layouts=kwargs.get("layouts"), strict=strict,
-                   compute_dtype=compute_dtype, method=method)
+                   compute_dtype=compute_dtype, method=method, modules_to_save=modules_to_save)
         self.allocator = allocator
         state = allocator.init(lora)
         arrays, self.state_def = jax.tree.flatten(state)

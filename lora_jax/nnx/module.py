@@ -36,6 +36,7 @@ import jax
 from flax import nnx
 
 from lora_jax import merging, quant, summaries
+from lora_jax import paths as P
 from lora_jax.initializers import init as lora_init
 from lora_jax.leaves import leaves
 from lora_jax.nnx.pure import functional
@@ -43,6 +44,8 @@ from lora_jax.nnx.variables import Defs, FrozenParam, assign, is_variable, pack,
 from lora_jax.transform import apply, report
 
 PyTree = Any
+# The model's weights: frozen ones, and the modules_to_save that stay nnx.Param.
+_WEIGHTS = nnx.Any(FrozenParam, nnx.Param)
 
 
 class LoRA(nnx.Module):
@@ -78,6 +81,10 @@ class LoRA(nnx.Module):
         would take the merged-weight fallback.
       compute_dtype: as in :func:`lora_jax.apply`.
       method: the model's method ``lm(...)`` calls (a name, or ``fn(model, *args)``).
+      modules_to_save: regexes over parameter paths (``r"head/.*"``) whose weights stay
+        ``nnx.Param`` and train in full beside the adapters (PEFT's ``modules_to_save``):
+        ``nnx.Optimizer(lm, tx, wrt=nnx.Param)`` trains both, ``wrt=LoraParam`` the
+        adapters only. They are never quantized.
       **kwargs: the rest of :func:`lora_jax.init`'s options: ``targets``, ``exclude``,
         ``rules``, ``init`` (``"pissa"`` makes the frozen base the residual), ``rslora``,
         ``dropout``, ``dtype``, ``layouts``, ``in_axes``, ``stack_axes``.
@@ -91,21 +98,32 @@ class LoRA(nnx.Module):
     def __init__(self, model: nnx.Module, r: int = 8, *, rngs: nnx.Rngs,
                  alpha: float | None = None, quantize: str | None = None, block_size: int = 64,
                  double_quant: bool = True, strict: bool = False, compute_dtype: Any = None,
-                 method: str | Callable = "__call__", **kwargs: Any):
+                 method: str | Callable = "__call__", modules_to_save: P.Pattern | None = None,
+                 **kwargs: Any):
         graphdef, params, rest = _split(model, rngs, type(self).__name__)
         lora = lora_init(params, r, key=rngs.params(), alpha=alpha, **kwargs)
         if kwargs.get("init") == "pissa":  # the model stays the same: W = residual + s·A·B
             params = merging.unmerge(params, lora)
         self._wrap(graphdef, params, rest, lora, rngs, quantize=quantize, block_size=block_size,
                    double_quant=double_quant, layouts=kwargs.get("layouts"), strict=strict,
-                   compute_dtype=compute_dtype, method=method)
+                   compute_dtype=compute_dtype, method=method, modules_to_save=modules_to_save)
 
     def _wrap(self, graphdef, params, rest, lora, rngs, *, quantize, block_size, double_quant,
-              layouts, strict, compute_dtype, method) -> None:
+              layouts, strict, compute_dtype, method, modules_to_save) -> None:
+        save = tuple(P.check_pattern(p, "modules_to_save pattern")
+                     for p in P.as_patterns(modules_to_save))
         if quantize is not None:
             params = quant.quantize(params, quantize, block_size=block_size,
-                                    double_quant=double_quant, layouts=layouts)
-        frozen = jax.tree.map(lambda v: _retype(v, FrozenParam), params, is_leaf=is_variable)
+                                    double_quant=double_quant, layouts=layouts,
+                                    exclude=list(save) or None)
+        pairs, tdef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_variable)
+        kept = [P.path_str(kp) for kp, _ in pairs if P.matches(P.path_str(kp), save)]
+        if save and not kept:
+            raise ValueError(f"modules_to_save {list(save)} matches no parameter; paths look like "
+                             f"{[P.path_str(kp) for kp, _ in pairs][:4]}")
+        self.modules_to_save = tuple(kept)
+        frozen = tdef.unflatten([v if P.path_str(kp) in kept else _retype(v, FrozenParam)
+                                 for kp, v in pairs])
         self.model = nnx.merge(graphdef, frozen, rest, copy=True)
         variables, defs = pack(lora)
         self.lora = nnx.data(variables)
@@ -122,10 +140,11 @@ class LoRA(nnx.Module):
     def call(self, method: str | Callable, *args: Any, **kwargs: Any) -> Any:
         """Another method of the model with the adapters applied (``lm.call("encode", x)``),
         by name or as ``fn(model, *args)``."""
-        graphdef, base, rest = nnx.split(self.model, FrozenParam, ...)
-        fn = functional(graphdef, method, param_filter=FrozenParam)
+        graphdef, base, rest = nnx.split(self.model, _WEIGHTS, ...)
+        fn = functional(graphdef, method, param_filter=_WEIGHTS)
         rng = self.rngs.dropout() if self.lora_dropout and not self.deterministic else None
-        out, rest = apply(fn, strict=self.strict, compute_dtype=self.compute_dtype)(
+        out, rest = apply(fn, strict=self.strict, compute_dtype=self.compute_dtype,
+                          modules_to_save=list(self.modules_to_save) or None)(
             base, self.adapters(), rest, *args, lora_rng=rng, **kwargs)
         nnx.update(self.model, rest)
         return out
@@ -149,8 +168,9 @@ class LoRA(nnx.Module):
         assign(self.lora, self.lora_defs, lora)
 
     def base(self) -> nnx.State:
-        """The frozen base: the model's weights as an ``nnx.State`` (quantized leaves kept)."""
-        return nnx.state(self.model, FrozenParam)
+        """The model's weights as an ``nnx.State`` (quantized leaves kept): the frozen base,
+        and the ``modules_to_save`` weights."""
+        return nnx.state(self.model, _WEIGHTS)
 
     def summary(self) -> summaries.Summary:
         """:func:`lora_jax.summary` of the adapters against the base."""
@@ -159,8 +179,8 @@ class LoRA(nnx.Module):
     def report(self, *args: Any, **kwargs: Any):
         """:func:`lora_jax.report` for ``lm(*args, **kwargs)``: how each use of each adapted
         weight is computed (the fast path, or a fallback and why). Runs no FLOPs."""
-        graphdef, base, rest = nnx.split(self.model, FrozenParam, ...)
-        fn = functional(graphdef, self.method, param_filter=FrozenParam)
+        graphdef, base, rest = nnx.split(self.model, _WEIGHTS, ...)
+        fn = functional(graphdef, self.method, param_filter=_WEIGHTS)
         return report(fn, base, self.adapters(), rest, *args, **kwargs)
 
     # ---- folding the adapters in and out
@@ -171,7 +191,7 @@ class LoRA(nnx.Module):
         A quantized base is dequantized (to ``dtype``, default the original dtype). ``lm``
         itself is unchanged; the result shares no variables with it.
         """
-        graphdef, base, rest = nnx.split(self.model, FrozenParam, ...)
+        graphdef, base, rest = nnx.split(self.model, _WEIGHTS, ...)
         merged = merging.merge(base, self.adapters(), dtype=dtype)
         params = jax.tree.map(_restore_type, merged, is_leaf=is_variable)
         return nnx.merge(graphdef, params, rest, copy=True)
@@ -220,6 +240,8 @@ def _retype(v: nnx.Variable, new: type) -> nnx.Variable:
 
 
 def _restore_type(v: nnx.Variable) -> nnx.Variable:
+    if not isinstance(v, FrozenParam):  # a modules_to_save weight: an nnx.Param already
+        return v
     meta = dict(v.get_metadata())
     cls = meta.pop("param_type", nnx.Param)
     return cls(v.get_value(), **meta)
