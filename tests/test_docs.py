@@ -75,9 +75,13 @@ def test_doc_examples_run(tmp_path):
     names = [p.relative_to(DOCS).as_posix() for p in pages()]
     for n in names:
         (tmp_path / n.replace("/", "_")).mkdir()
+    # The examples are tiny: XLA's compile time is nearly all of their cost, and the lowest
+    # backend optimisation level cuts it by about a third (measured: 10.5 -> 6.8 s of CPU for
+    # the Linen page) without changing what the examples check.
     env = dict(os.environ, DOCS_TMP=str(tmp_path), JAX_PLATFORMS="cpu",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                          + " --xla_force_host_platform_device_count=8").strip(),
+                          + " --xla_force_host_platform_device_count=8"
+                          + " --xla_backend_optimization_level=0").strip(),
                PYTHONPATH=os.pathsep.join([str(ROOT)] + [
                    p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     proc = subprocess.run([sys.executable, __file__, *names], env=env, capture_output=True,
