@@ -1,15 +1,15 @@
 """The documentation's code runs, and its links resolve.
 
-Every ```python block of every page under docs/ runs, the blocks of a page in order in one
-namespace (a page is one script a reader could paste), each page in a fresh namespace. The
-pages run in one subprocess with 8 forced CPU devices, as the sharding page needs: JAX's
-device count is fixed when it starts. Blocks fenced as ```text or ```bash are not run. The
-pages ``assert`` on their own results (adapted output equals merged output, a weight stayed
-frozen, ...), so an example that no longer matches the API fails here.
+Every ```python block of every page under docs/ (and README.md's quickstart) runs, the
+blocks of a page in order in one namespace (a page is one script a reader could paste), each
+page in a fresh namespace. The pages run in one subprocess with 8 forced CPU devices, as the
+sharding page needs: JAX's device count is fixed when it starts. Blocks fenced as ```text or
+```bash are not run. The pages ``assert`` on their own results (adapted output equals merged
+output, a weight stayed frozen, ...), so an example that no longer matches the API fails here.
 
 ``mkdocs build --strict`` (in CI, after the tests) checks the site's internal links, anchors
 and API cross-references; the link test below checks the Markdown files that live outside
-the site (README, notebooks/README) without needing mkdocs.
+the site (README, ARCHITECTURE, notebooks/README) without needing mkdocs.
 """
 
 from __future__ import annotations
@@ -25,18 +25,32 @@ import traceback
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
+README = ROOT / "README.md"
 FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```", re.S | re.M)
 TIMEOUT_S = 300
 
 
 def pages() -> list[pathlib.Path]:
-    return sorted(p for p in DOCS.rglob("*.md") if FENCE.search(p.read_text()))
+    """Every page under docs/ with Python examples, and the README (its quickstart)."""
+    return [*sorted(p for p in DOCS.rglob("*.md") if FENCE.search(p.read_text())), README]
+
+
+def page_name(page: pathlib.Path) -> str:
+    return page.relative_to(ROOT).as_posix()
 
 
 def blocks(page: pathlib.Path) -> list[tuple[int, str]]:
-    """(first line number, code) of each ```python block."""
+    """(first line number, code) of each ```python block.
+
+    Of README.md only the quickstart runs: its other blocks are fragments that continue
+    from a model of the reader's own.
+    """
     text = page.read_text()
-    return [(text.count("\n", 0, m.start(1)) + 1, m.group(1)) for m in FENCE.finditer(text)]
+    found = [(text.count("\n", 0, m.start(1)) + 1, m.group(1)) for m in FENCE.finditer(text)]
+    if page == README:
+        start = text.count("\n", 0, text.index("\n## Quickstart\n"))
+        found = [b for b in found if b[0] > start][:1]
+    return found
 
 
 def run_pages(names: list[str]) -> dict:
@@ -46,7 +60,7 @@ def run_pages(names: list[str]) -> dict:
     matplotlib.use("Agg")
     out = {}
     for name in names:
-        page = DOCS / name
+        page = ROOT / name
         t0, c0 = time.perf_counter(), time.process_time()
         ns: dict = {"__name__": f"docs:{name}"}
         err = None
@@ -67,12 +81,14 @@ def run_pages(names: list[str]) -> dict:
 
 
 def test_docs_have_examples():
-    names = {p.relative_to(DOCS).as_posix() for p in pages()}
-    assert {"index.md", "guide/linen.md", "guide/nnx.md", "guide/sharding.md"} <= names, names
+    names = {page_name(p) for p in pages()}
+    assert {"docs/index.md", "docs/guide/linen.md", "docs/guide/nnx.md", "docs/guide/sharding.md",
+            "README.md"} <= names, names
+    assert len(blocks(README)) == 1 and "lora_jax.init" in blocks(README)[0][1]
 
 
 def test_doc_examples_run(tmp_path):
-    names = [p.relative_to(DOCS).as_posix() for p in pages()]
+    names = [page_name(p) for p in pages()]
     for n in names:
         (tmp_path / n.replace("/", "_")).mkdir()
     # The examples are tiny: XLA's compile time is nearly all of their cost, and the lowest
