@@ -60,20 +60,21 @@ def _llama_name_map() -> dict[str, str]:
                 r"model.layers.\1.\2"}
 
 
-#: Built-in name maps by name (pass the name as ``name_map``); add entries for other models.
-#:
-#: * ``"llama"`` (:class:`lora_jax.models.llama.Llama`): Hugging Face ``LlamaForCausalLM``
-#:   names, ``layers_{i}/self_attn/q_proj`` -> ``model.layers.{i}.self_attn.q_proj``, and so
-#:   on for every projection, norm, ``embed_tokens`` and ``lm_head``: PEFT adapters of Llama
-#:   models (SmolLM2, Llama 2/3, ...) load and save with no hand-written map.
-#: * ``"gpt"`` (:class:`lora_jax.models.gpt.GPT`): ``embed`` -> ``transformer.wte``, ``pos``
-#:   -> ``transformer.wpe.weight``, ``block_{i}/{ln1,q,k,v,o,ln2,up,down}`` (or the scanned
-#:   ``layers/block/...``) -> ``transformer.h.{i}.{ln_1, attn.q_proj, attn.k_proj,
-#:   attn.v_proj, attn.out_proj, ln_2, mlp.fc_in, mlp.fc_out}``, ``ln_f`` ->
-#:   ``transformer.ln_f``, ``head`` -> ``lm_head`` (GPT-J's names; GPT-J itself computes
-#:   differently, so no transformers class loads the merged weights as the same model).
 NAME_MAPS: dict[str, NameMap] = {"default": default_name_map, "gpt": _gpt_name_map(),
                                  "llama": _llama_name_map()}
+"""Built-in name maps by name (pass the name as ``name_map``); add entries for other models.
+
+* ``"llama"`` (:class:`lora_jax.models.llama.Llama`): Hugging Face ``LlamaForCausalLM``
+  names, ``layers_{i}/self_attn/q_proj`` -> ``model.layers.{i}.self_attn.q_proj``, and so
+  on for every projection, norm, ``embed_tokens`` and ``lm_head``: PEFT adapters of Llama
+  models (SmolLM2, Llama 2/3, ...) load and save with no hand-written map.
+* ``"gpt"`` (:class:`lora_jax.models.gpt.GPT`): ``embed`` -> ``transformer.wte``, ``pos``
+  -> ``transformer.wpe.weight``, ``block_{i}/{ln1,q,k,v,o,ln2,up,down}`` (or the scanned
+  ``layers/block/...``) -> ``transformer.h.{i}.{ln_1, attn.q_proj, attn.k_proj,
+  attn.v_proj, attn.out_proj, ln_2, mlp.fc_in, mlp.fc_out}``, ``ln_f`` ->
+  ``transformer.ln_f``, ``head`` -> ``lm_head`` (GPT-J's names; GPT-J itself computes
+  differently, so no transformers class loads the merged weights as the same model).
+"""
 
 
 def few(names: Sequence[str], n: int = 5) -> str:
