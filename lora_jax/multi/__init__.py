@@ -9,6 +9,7 @@
 (3, 3)
 """
 
+from lora_jax.multi.combine import METHODS, combine
 from lora_jax.multi.leaf import ROUTINGS, StackedLora
 from lora_jax.multi.stack import (
     BASE,
@@ -25,9 +26,11 @@ from lora_jax.multi.stack import (
 
 __all__ = [
     "BASE",
+    "METHODS",
     "ROUTINGS",
     "StackedLora",
     "adapter_ids",
+    "combine",
     "add",
     "is_stacked",
     "names",
