@@ -10,7 +10,9 @@
 """
 
 from lora_jax.multi.combine import METHODS, combine
+from lora_jax.multi.files import load, load_peft, save, save_peft
 from lora_jax.multi.leaf import ROUTINGS, StackedLora
+from lora_jax.multi.optim import adam, scale_by_slot
 from lora_jax.multi.stack import (
     BASE,
     adapter_ids,
@@ -29,13 +31,19 @@ __all__ = [
     "METHODS",
     "ROUTINGS",
     "StackedLora",
+    "adam",
     "adapter_ids",
     "combine",
     "add",
     "is_stacked",
+    "load",
+    "load_peft",
     "names",
     "remove",
     "replace",
+    "save",
+    "save_peft",
+    "scale_by_slot",
     "stack",
     "unstack",
     "unstack_untrimmed",
