@@ -86,6 +86,23 @@ class StackedLora(LowRankLeaf):
     def scale(self) -> float:
         return 1.0  # folded into factors()
 
+    # Shapes read off the fields, so that they work on abstract leaves (ShapeDtypeStruct).
+    @property
+    def r(self) -> int:
+        return self.slots * self.slot_rank
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        return tuple(self.a.shape[1:1 + self.stack_axes])
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.a.shape[1 + self.stack_axes:-1])
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self.b.shape[2 + self.stack_axes:])
+
     def hparams(self) -> dict[str, Any]:
         return {}
 
