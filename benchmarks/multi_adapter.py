@@ -129,6 +129,10 @@ def main(argv=None):
                                               batch_axes=axes, routing=routing)[0])
 
     add("decode", "1 adapter (fast, merged)", dec_one, (lone, d0), (lv, step_tok, cache))
+    one_slot = lora_jax.stack([lone])
+    add("decode", "1-slot stack (unmerged)",
+        lambda s, _, base, t, c: (s, g(base, s, t, cache=c, adapter_ids=jnp.zeros(
+            batch, jnp.int32), batch_axes=axes)[0]), (one_slot, d0), (lv, step_tok, cache))
     for routing in multi.ROUTINGS:
         add("decode", f"K={k} {routing}", dec_stack(routing), (lstack, d0),
             (lv, step_tok, cache))
