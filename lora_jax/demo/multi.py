@@ -22,7 +22,7 @@ import optax
 import lora_jax
 from lora_jax import multi
 from lora_jax.demo.data import adapt_text, batches, eval_batches, split_tokens
-from lora_jax.demo.gpt import pretrained_gpt
+from lora_jax.demo.gpt import _logits, pretrained_gpt
 from lora_jax.models.gpt import loss_fn
 
 TEXTS = {"json-csv-argparse": ("json", "csv", "argparse"),
@@ -94,7 +94,7 @@ def run(*, pretrain_steps: int = 300, steps: int = 150, rank: int = 8, alpha: fl
     t_alone = time.perf_counter() - t0
 
     evaluate = jax.jit(lambda base, lo, tok: loss_fn(f(base, lo, tok), tok))
-    plain = jax.jit(lambda p, tok: loss_fn(model.apply(p, tok), tok))
+    plain = jax.jit(lambda p, tok: loss_fn(_logits(model, p, tok), tok))
     out: dict = {}
     print(f"\n{'adapter':>22}  {'base':>6}  {'together':>8}  {'alone':>6}  (held-out loss, "
           "nats/byte)")

@@ -72,17 +72,21 @@ def _disjoint(ts: jax.Array, weights: jax.Array, method: str) -> jax.Array:
     return mixed / jnp.maximum(agree.sum(0), 1).astype(ts.dtype)
 
 
+def _weighted_sum(weights, ts) -> jax.Array:
+    return jnp.sum(jnp.stack([w * t for w, t in zip(weights, ts)]), axis=0)
+
+
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 6))
 def _combine_factor(ts: list, weights: jax.Array, method: str, density, lead: int, keys,
                     sign_method: str) -> jax.Array:
     if method == "linear":
-        return sum(w * t for w, t in zip(weights, ts))
+        return _weighted_sum(weights, ts)
     if method in ("ties", "magnitude_prune"):
         ts = [_prune_magnitude(t, density, lead) for t in ts]
     else:  # dare_*
         ts = [_prune_random(t, density, k) for t, k in zip(ts, keys)]
     if method in ("magnitude_prune", "dare_linear"):
-        return sum(w * t for w, t in zip(weights, ts))
+        return _weighted_sum(weights, ts)
     return _disjoint(jnp.stack(ts), weights, sign_method)
 
 
