@@ -29,7 +29,7 @@ from lora_jax.transform import LoraFallbackError, Report, Use, WeightReport, app
 
 __version__ = "0.1.0"
 
-_EDGE_MODULES = ("checkpoint", "demo", "models", "multi", "nnx", "peft", "sharding")
+_EDGE_MODULES = ("checkpoint", "demo", "models", "nnx", "peft", "sharding")
 
 
 def __getattr__(name: str):

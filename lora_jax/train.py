@@ -92,8 +92,7 @@ def trainable_mask(
     def label(path, x):
         if L.is_lowrank(x):  # every array trains but a kind's frozen fields (a stack's scales)
             m = jax.tree.map(lambda _: True, x)
-            frozen = getattr(x, "frozen_fields", ())
-            return m.replace(**{f: False for f in frozen}) if frozen else m
+            return m.replace(**{f: False for f in x.frozen_fields}) if x.frozen_fields else m
         if protocols.is_base_leaf(x):
             return jax.tree.map(lambda _: False, x)
         return path in keep

@@ -123,3 +123,18 @@ def test_mixed_batch_matches_peft():
             s, MB["x"], multi.adapter_ids(s, names))
         np.testing.assert_allclose(y, MB["y_mixed"], atol=2e-5)
     np.testing.assert_allclose(F(base_of(MB), ads["b"], MB["x"]), MB["y_b"], atol=2e-5)
+
+
+def test_routed_dropout_draws_per_row_masks():
+    p = base_of(MB)
+    ads = [lora_jax.init(p, r=4, key=jax.random.key(i), dropout=0.5, targets=["fc1/kernel"])
+           for i in range(2)]
+    ads = [jax.tree.map(lambda w: w.replace(b=jnp.ones_like(w.b)), a,
+                        is_leaf=lambda x: isinstance(x, lora_jax.LoraWeight)) for a in ads]
+    s = lora_jax.stack(ads)
+    x = jnp.tile(jnp.asarray(MB["x"][:1]), (4, 1))  # four equal rows
+    f = jax.jit(lambda s, key: lora_jax.apply(mlp)(p, s, x, adapter_ids=jnp.zeros(4, jnp.int32),
+                                                   lora_rng=key))
+    y = f(s, jax.random.key(3))
+    assert not np.allclose(y[0], y[1])  # each row its own dropout mask
+    np.testing.assert_allclose(y, f(s, jax.random.key(3)))  # and the same for the same key

@@ -14,6 +14,7 @@ so summaries, sharding, checkpoints and ``check_fits`` work unchanged. Running a
 it needs ``adapter_ids=`` (:mod:`lora_jax.multi.routing`).
 
 >>> import jax.numpy as jnp
+import numpy as np
 >>> s = StackedLora(a=jnp.ones((2, 4, 3)), b=jnp.ones((2, 3, 5)), scales=jnp.ones(2),
 ...                 names=("x", "y"))
 >>> s.kernel_shape, s.r, s.slots
@@ -26,6 +27,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jax import lax
 
@@ -60,6 +62,32 @@ class StackedLora(LowRankLeaf):
     stacked: ClassVar[bool] = True
     field_roles: ClassVar[dict[str, str]] = {"a": "in", "b": "out", "scales": "slot"}
     frozen_fields: ClassVar[tuple[str, ...]] = ("scales",)
+
+    @classmethod
+    def of(cls, slots: list, names: tuple, like: LowRankLeaf) -> StackedLora:
+        """A stack of ``slots``, each ``(A, B, scale)`` or ``None`` (a zero slot), ranks
+        zero-padded to the largest, with ``like``'s layout (in/stack axes, roles, dropout)."""
+        fa, fb = like.factors()
+        sa = like.stack_axes
+        rmax = max(a.shape[-1] for a, _, _ in (x for x in slots if x is not None))
+        a_list, b_list, scales = [], [], []
+        for slot in slots:
+            if slot is None:
+                a = jnp.zeros(fa.shape[:-1] + (rmax,), fa.dtype)
+                b = jnp.zeros(fb.shape[:sa] + (rmax,) + fb.shape[sa + 1:], fb.dtype)
+                scale = 1.0
+            else:
+                a, b, scale = slot
+                pad = rmax - a.shape[-1]
+                a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
+                b = jnp.pad(b, [(0, 0)] * sa + [(0, pad)] + [(0, 0)] * (b.ndim - sa - 1))
+            a_list.append(a.astype(fa.dtype))
+            b_list.append(b.astype(fb.dtype))
+            scales.append(float(scale))
+        return cls(a=jnp.stack(a_list), b=jnp.stack(b_list),
+                   scales=jnp.asarray(scales, jnp.float32), names=tuple(names),
+                   in_axes=like.in_axes, stack_axes=sa, dropout=like.dropout,
+                   roles=like.layout)
 
     @property
     def slots(self) -> int:
@@ -112,6 +140,46 @@ class StackedLora(LowRankLeaf):
         return LoraWeight(a=self.a[k], b=self.b[k], alpha=float(self.scales[k]) * r,
                           in_axes=self.in_axes, stack_axes=self.stack_axes,
                           dropout=self.dropout, roles=self.roles)
+
+    def trimmed_slot(self, k: int) -> LoraWeight | None:
+        """Slot ``k`` with its padding cut off: trailing rank components zero in both factors
+        removed, ``alpha = scale·r`` (the same update). ``None`` if the slot is all zero (its
+        adapter did not target this kernel). Reads the arrays: not for use under ``jit``."""
+        a, b = np.asarray(self.a[k]), np.asarray(self.b[k])
+        sa = self.stack_axes
+        a_used = np.any(a != 0, axis=tuple(range(a.ndim - 1)))
+        b_used = np.any(b != 0, axis=tuple(i for i in range(b.ndim) if i != sa))
+        used = np.nonzero(a_used | b_used)[0]
+        if used.size == 0:
+            return None
+        r = int(used[-1]) + 1
+        alpha = float(f"{float(self.scales[k]) * r:.7g}")  # the float32 scale times r
+        return LoraWeight(a=self.a[k][..., :r], b=lax.slice_in_dim(self.b[k], 0, r, axis=sa),
+                          alpha=alpha, in_axes=self.in_axes, stack_axes=sa,
+                          dropout=self.dropout, roles=self.roles)
+
+    def keep_slots(self, keep: list[int]) -> StackedLora:
+        """The stack with only slots ``keep``, in that order."""
+        idx = jnp.asarray(keep, jnp.int32)
+        return self.replace(a=self.a[idx], b=self.b[idx], scales=self.scales[idx],
+                            names=tuple(self.names[i] for i in keep))
+
+    def set_slot(self, k: int, a: jax.Array, b: jax.Array, scale: float) -> StackedLora:
+        """Slot ``k`` set to factors ``a`` ``(*stack, *in, r)``, ``b`` ``(*stack, r, *out)``
+        with ``r`` ≤ the padded rank (zero-padded to it) and scaling ``scale``."""
+        pad = self.slot_rank - a.shape[-1]
+        if pad < 0:
+            raise ValueError(f"rank {a.shape[-1]} above the stack's padded rank "
+                             f"{self.slot_rank}; use remove and add")
+        sa = self.stack_axes
+        a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
+        b = jnp.pad(b, [(0, 0)] * sa + [(0, pad)] + [(0, 0)] * (b.ndim - sa - 1))
+        if a.shape != self.a.shape[1:] or b.shape != self.b.shape[1:]:
+            raise ValueError(f"factors {a.shape}, {b.shape} do not fit the stack's "
+                             f"{self.a.shape[1:]}, {self.b.shape[1:]}")
+        return self.replace(a=self.a.at[k].set(a.astype(self.a.dtype)),
+                            b=self.b.at[k].set(b.astype(self.b.dtype)),
+                            scales=self.scales.at[k].set(scale))
 
     def select(self, i: jax.Array, routing: str = "gather") -> LoraWeight:
         """The adapter of slot ``i`` (a scalar; ``-1``: none) as a rank-``R`` LoRA leaf with

@@ -38,9 +38,8 @@ def scale_by_slot(factors: jax.typing.ArrayLike) -> optax.GradientTransformation
         def leaf(u):
             if not is_stacked(u):
                 return u
-            frozen = getattr(u, "frozen_fields", ())
             return u.replace(**{
-                name: jnp.zeros_like(val) if name in frozen else _per_slot(val, factors)
+                name: jnp.zeros_like(val) if name in u.frozen_fields else _per_slot(val, factors)
                 for name, val in ((n, getattr(u, n)) for n in u.field_roles)})
 
         return jax.tree.map(leaf, updates, is_leaf=is_lowrank), state

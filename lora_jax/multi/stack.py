@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.leaves import LoraWeight, from_leaves, is_lowrank, leaves
+from lora_jax.leaves import from_leaves, is_lowrank, leaves
 from lora_jax.multi.leaf import StackedLora
 
 PyTree = Any
@@ -33,7 +33,7 @@ BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 def is_stacked(x: Any) -> bool:
     """True for a stacked adapter leaf."""
-    return is_lowrank(x) and getattr(x, "stacked", False)
+    return is_lowrank(x) and x.stacked
 
 
 def _stacked_leaves(tree: PyTree, where: str) -> dict[str, StackedLora]:
@@ -97,46 +97,10 @@ def stack(adapters: Mapping[str, PyTree] | Sequence[PyTree]) -> PyTree:
                     f"stack: adapters {first_name!r} and {n!r} differ at {path!r}: kernel "
                     f"{first.kernel_shape} vs {leaf.kernel_shape}, (in_axes, stack_axes, "
                     f"layout, dropout) {_meta(first)} vs {_meta(leaf)}")
-        rmax = max(leaf.r for leaf in have.values())
-        a_list, b_list, scales = [], [], []
-        fa, fb = first.factors()
-        sa = first.stack_axes
-        for n in named:
-            leaf = have.get(n)
-            if leaf is None:
-                a = jnp.zeros(fa.shape[:-1] + (rmax,), fa.dtype)
-                b = jnp.zeros(fb.shape[:sa] + (rmax,) + fb.shape[sa + 1:], fb.dtype)
-                s = 1.0
-            else:
-                a, b = leaf.factors()
-                pad = rmax - a.shape[-1]
-                a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
-                b = jnp.pad(b, [(0, 0)] * sa + [(0, pad)] + [(0, 0)] * (b.ndim - sa - 1))
-                s = float(leaf.scale)
-            a_list.append(a)
-            b_list.append(b.astype(fb.dtype))
-            scales.append(s)
-        out[path] = StackedLora(
-            a=jnp.stack([x.astype(fa.dtype) for x in a_list]), b=jnp.stack(b_list),
-            scales=jnp.asarray(scales, jnp.float32), names=tuple(named),
-            in_axes=first.in_axes, stack_axes=sa, dropout=first.dropout,
-            roles=first.layout)
+        slots = [None if n not in have else (*have[n].factors(), have[n].scale)
+                 for n in named]
+        out[path] = StackedLora.of(slots, tuple(named), first)
     return from_leaves(out)
-
-
-def _trimmed(w: LoraWeight) -> LoraWeight | None:
-    """``w`` without trailing rank components that are zero in both factors (the padding)."""
-    a, b = np.asarray(w.a), np.asarray(w.b)
-    sa = w.stack_axes
-    a_used = np.any(a != 0, axis=tuple(range(a.ndim - 1)))
-    b_used = np.any(b != 0, axis=tuple(i for i in range(b.ndim) if i != sa))
-    used = np.nonzero(a_used | b_used)[0]
-    if used.size == 0:
-        return None
-    r = int(used[-1]) + 1
-    s = w.scale
-    alpha = float(f"{s * r:.7g}")  # the float32 scale times r, as written
-    return w.replace(a=w.a[..., :r], b=jax.lax.slice_in_dim(w.b, 0, r, axis=sa), alpha=alpha)
 
 
 def unstack(tree: PyTree) -> dict[str, PyTree]:
@@ -148,7 +112,7 @@ def unstack(tree: PyTree) -> dict[str, PyTree]:
     out: dict[str, dict] = {n: {} for n in names(tree)}
     for path, leaf in st.items():
         for k, n in enumerate(leaf.names):
-            w = _trimmed(leaf.slot(k))
+            w = leaf.trimmed_slot(k)
             if w is not None:
                 out[n][path] = w
     return {n: from_leaves(m) for n, m in out.items()}
@@ -166,10 +130,7 @@ def remove(tree: PyTree, name: str) -> PyTree:
     if len(ns) == 1:
         raise ValueError("remove: a stack keeps at least one adapter")
     k = ns.index(name)
-    keep = [i for i in range(len(ns)) if i != k]
-    return _map_stacked(tree, lambda x: x.replace(
-        a=x.a[jnp.asarray(keep)], b=x.b[jnp.asarray(keep)], scales=x.scales[jnp.asarray(keep)],
-        names=tuple(ns[i] for i in keep)))
+    return _map_stacked(tree, lambda x: x.keep_slots([i for i in range(len(ns)) if i != k]))
 
 
 def add(tree: PyTree, name: str, lora: PyTree) -> PyTree:
@@ -209,28 +170,17 @@ def replace(tree: PyTree, name: str, lora: PyTree) -> PyTree:
     out = {}
     for path, x in st.items():
         leaf = new.get(path)
-        if leaf is None:
-            a, b, s = jnp.zeros_like(x.a[k]), jnp.zeros_like(x.b[k]), 1.0
-        else:
-            if (leaf.in_axes, leaf.stack_axes, leaf.layout) != (x.in_axes, x.stack_axes,
-                                                                x.layout):
-                raise ValueError(f"replace: {path!r} has layout {leaf.layout!r}, the stack "
-                                 f"{x.layout!r}")
-            a, b = leaf.factors()
-            pad = x.slot_rank - a.shape[-1]
-            if pad < 0:
-                raise ValueError(f"replace: {path!r} has rank {a.shape[-1]} above the stack's "
-                                 f"padded rank {x.slot_rank}; use remove and add")
-            sa = x.stack_axes
-            a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
-            b = jnp.pad(b, [(0, 0)] * sa + [(0, pad)] + [(0, 0)] * (b.ndim - sa - 1))
-            s = leaf.scale
-            if a.shape != x.a.shape[1:] or b.shape != x.b.shape[1:]:
-                raise ValueError(f"replace: {path!r} factors {a.shape}, {b.shape} do not fit "
-                                 f"the stack's {x.a.shape[1:]}, {x.b.shape[1:]}")
-        out[path] = x.replace(a=x.a.at[k].set(a.astype(x.a.dtype)),
-                              b=x.b.at[k].set(b.astype(x.b.dtype)),
-                              scales=x.scales.at[k].set(s))
+        if leaf is None:  # the new adapter does not target this kernel: a zero slot
+            a0, b0 = x.slot(k).factors()
+            out[path] = x.set_slot(k, jnp.zeros_like(a0), jnp.zeros_like(b0), 1.0)
+            continue
+        if (leaf.in_axes, leaf.stack_axes, leaf.layout) != (x.in_axes, x.stack_axes, x.layout):
+            raise ValueError(f"replace: {path!r} has layout {leaf.layout!r}, the stack "
+                             f"{x.layout!r}")
+        try:
+            out[path] = x.set_slot(k, *leaf.factors(), leaf.scale)
+        except ValueError as e:
+            raise ValueError(f"replace: {path!r}: {e}") from None
     return from_leaves(out)
 
 

@@ -114,7 +114,7 @@ def run(fn, base, lora, args, kwargs, *, rng=None, strict=False, mode="fast",
     V.base_leaves(base, "apply")
     check_fits(base, lora, where="apply")
     lmap = leaves(lora)
-    if any(getattr(x, "stacked", False) for x in lmap.values()):
+    if any(x.stacked for x in lmap.values()):
         raise TypeError("apply: the LoRA tree is a stack of adapters; pass adapter_ids= (one "
                         "per example) or pick one adapter with lora_jax.unstack")
     keep = trainable_base_paths(base, lora, modules_to_save=modules_to_save, bias=bias)
