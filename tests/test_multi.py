@@ -91,10 +91,7 @@ def test_outer_vmap_and_padding_leave_outputs_unchanged():
     y = jax.jit(jax.vmap(lambda t: F(PARAMS, STACK, t, adapter_ids=ids)))(tok2)
     for j in range(2):
         np.testing.assert_allclose(y[j], solo_rows(IDS, tok2[j]), atol=2e-5)
-    # x alone (rank 2) vs x padded to rank 4 beside y: the same outputs
-    only_x = lora_jax.stack({"x": ADS["x"]})
-    run = jax.jit(lambda s: F(PARAMS, s, TOK, adapter_ids=jnp.zeros(6, jnp.int32)))
-    np.testing.assert_allclose(run(only_x), run(STACK), atol=1e-5, rtol=1e-5)
+    # (x and z are padded to rank 4 in STACK: the routed tests compare them with each alone)
     back = lora_jax.unstack(STACK)  # padding cut off again, exactly
     for n, lora in ADS.items():
         for (pa, wa), (pb, wb) in zip(jax.tree_util.tree_flatten_with_path(lora)[0],

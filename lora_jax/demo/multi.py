@@ -77,18 +77,17 @@ def run(*, pretrain_steps: int = 300, steps: int = 150, rank: int = 8, alpha: fl
 
     t0 = time.perf_counter()
     alone = {}
+
+    @jax.jit
+    def step1(lo, o1, tok, lr):  # one compiled step for every adapter (lr is an argument)
+        g = jax.grad(lambda lo: loss_fn(f(params, lo, tok), tok))(lo)
+        u, o1 = optax.adam(lr).update(g, o1, lo)
+        return optax.apply_updates(lo, u), o1
+
     for i, n in enumerate(names):
-        tx1 = optax.adam(lr)
-
-        @jax.jit
-        def step1(lo, o1, tok, tx1=tx1):
-            g = jax.grad(lambda lo: loss_fn(f(params, lo, tok), tok))(lo)
-            u, o1 = tx1.update(g, o1, lo)
-            return optax.apply_updates(lo, u), o1
-
-        lo, o1 = fresh[i], tx1.init(fresh[i])
+        lo, o1 = fresh[i], optax.adam(lrs[i]).init(fresh[i])
         for b in data:
-            lo, o1 = step1(lo, o1, b[i])
+            lo, o1 = step1(lo, o1, b[i], lrs[i])
         alone[n] = lo
     jax.block_until_ready(alone)
     t_alone = time.perf_counter() - t0

@@ -14,7 +14,6 @@ so summaries, sharding, checkpoints and ``check_fits`` work unchanged. Running a
 it needs ``adapter_ids=`` (:mod:`lora_jax.multi.routing`).
 
 >>> import jax.numpy as jnp
-import numpy as np
 >>> s = StackedLora(a=jnp.ones((2, 4, 3)), b=jnp.ones((2, 3, 5)), scales=jnp.ones(2),
 ...                 names=("x", "y"))
 >>> s.kernel_shape, s.r, s.slots
