@@ -138,3 +138,30 @@ def test_routed_dropout_draws_per_row_masks():
     y = f(s, jax.random.key(3))
     assert not np.allclose(y[0], y[1])  # each row its own dropout mask
     np.testing.assert_allclose(y, f(s, jax.random.key(3)))  # and the same for the same key
+
+
+def test_routing_follows_traced_einsum_layouts():
+    """Gemma-style kernels (input axis in the middle, several output axes; a fused kv with a
+    stack axis kept free) route per example like Dense ones."""
+    k = jax.random.split(jax.random.key(7), 4)
+    p = {"q": {"w": jax.random.normal(k[0], (2, 8, 4))},      # BTD,NDH->BTNH   roles oio
+         "kv": {"w": jax.random.normal(k[1], (2, 2, 8, 4))},  # BTD,CKDH->CBTKH roles ooio
+         "o": {"w": jax.random.normal(k[2], (2, 4, 8))}}      # BTNH,NHD->BTD   roles iio
+
+    def fn(p, x):
+        q = jnp.einsum("btd,ndh->btnh", x, p["q"]["w"])
+        kv = jnp.einsum("btd,ckdh->cbtkh", x, p["kv"]["w"])
+        return jnp.einsum("btnh,nhd->btd", q * kv[0] + kv[1], p["o"]["w"])
+
+    x = jax.random.normal(k[3], (3, 5, 8))
+    lay = lora_jax.trace(fn, p, x)
+    ads = [jax.tree.map(lambda w: w.replace(b=jax.random.normal(jax.random.key(i), w.b.shape)),
+                        lora_jax.init(p, r=r, key=jax.random.key(i), layouts=lay),
+                        is_leaf=lambda w: isinstance(w, lora_jax.LoraWeight))
+           for i, r in enumerate((2, 3))]
+    s = lora_jax.stack(ads)
+    y = jax.jit(lambda s: lora_jax.apply(fn, strict=True)(p, s, x, adapter_ids=jnp.array(
+        [1, -1, 0])))(s)
+    for i, j in enumerate((1, None, 0)):
+        want = fn(p if j is None else lora_jax.merge(p, ads[j]), x[i:i + 1])[0]
+        np.testing.assert_allclose(y[i], want, atol=1e-4, rtol=1e-5)
