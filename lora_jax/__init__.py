@@ -12,6 +12,7 @@ from lora_jax.initializers import init
 from lora_jax.layouts import Layouts, WeightLayout, trace
 from lora_jax.leaves import LoraWeight
 from lora_jax.merging import merge, unmerge
+from lora_jax.multi import stack, unstack
 from lora_jax.paths import Rule
 from lora_jax.quant import (
     FORMATS,
@@ -59,6 +60,7 @@ __all__ = [
     "init",
     "is_quantized",
     "merge",
+    "multi",
     "nnx",
     "optimizer",
     "param_count",
@@ -69,8 +71,10 @@ __all__ = [
     "report",
     "sharding",
     "split",
+    "stack",
     "summary",
     "trace",
     "trainable_mask",
     "unmerge",
+    "unstack",
 ]

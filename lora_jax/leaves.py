@@ -63,6 +63,8 @@ class LowRankLeaf:
     kind: ClassVar[str] = "LoRA"  # name shown by summary()
     peft_type: ClassVar[str] = "LORA"
     field_roles: ClassVar[dict[str, str]] = {}  # array field -> "in" | "out" | "rank"
+    frozen_fields: ClassVar[tuple[str, ...]] = ()  # array fields that never train
+    stacked: ClassVar[bool] = False  # a stack of adapters (lora_jax.multi)
 
     if TYPE_CHECKING:  # what ``flax.struct.dataclass`` adds to every subclass
         __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]

@@ -77,6 +77,8 @@ class LowRankLeaf(Protocol):
     kind: ClassVar[str]  # the method's name, for summaries ("LoRA", "AdaLoRA")
     peft_type: ClassVar[str]  # PEFT's ``peft_type`` for this kind ("LORA", "ADALORA")
     field_roles: ClassVar[Mapping[str, str]]  # array field -> "in" | "out" | "rank"
+    frozen_fields: ClassVar[tuple[str, ...]]  # array fields that never train (a stack's scales)
+    stacked: ClassVar[bool]  # K adapters, one picked per example (apply needs adapter_ids=)
     in_axes: int
     stack_axes: int
     roles: str

@@ -90,8 +90,9 @@ def trainable_mask(
         raise ValueError("modules_to_save/bias need a combined {'base': ..., 'lora': ...} tree")
 
     def label(path, x):
-        if L.is_lowrank(x):
-            return jax.tree.map(lambda _: True, x)
+        if L.is_lowrank(x):  # every array trains but a kind's frozen fields (a stack's scales)
+            m = jax.tree.map(lambda _: True, x)
+            return m.replace(**{f: False for f in x.frozen_fields}) if x.frozen_fields else m
         if protocols.is_base_leaf(x):
             return jax.tree.map(lambda _: False, x)
         return path in keep

@@ -21,3 +21,13 @@ def test_demo_all_methods_tiny(tmp_path, capsys):
         assert n > 0 and size > 0 and t > 0 and peak > 0 and before > 0 and after > 0
     assert rows[1][1] < rows[0][1]  # LoRA trains fewer parameters than full fine-tuning
     assert os.path.isdir(tmp_path / "full")
+
+
+def test_demo_multi_tiny(capsys):
+    out = demo.main(["--method", "multi", "--pretrain-steps", "2", "--steps", "3", "--d", "16",
+                     "--layers", "1", "--seq", "16", "--quiet"])
+    text = capsys.readouterr().out
+    assert "together" in text and "generated from one mixed batch" in text
+    for name, (base, together, alone) in ((k, v) for k, v in out.items() if k != "generated"):
+        assert abs(together - alone) < 1e-3 and together < base, name
+    assert len(out["generated"]) == 5  # four adapters and the base alone

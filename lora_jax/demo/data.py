@@ -24,12 +24,12 @@ def pretrain_text() -> bytes:
     return "\n\n".join(topics.topics[k] for k in sorted(topics.topics)).encode("utf-8")
 
 
-def adapt_text() -> bytes:
+def adapt_text(modules: tuple[str, ...] = ADAPT_MODULES) -> bytes:
     """Docstrings of stdlib modules and their public functions: a different style of text."""
     import importlib
 
     parts = []
-    for name in ADAPT_MODULES:
+    for name in modules:
         mod = importlib.import_module(name)
         parts.append(inspect.getdoc(mod) or "")
         for attr in sorted(dir(mod)):

@@ -57,6 +57,9 @@ def apply(
 
     Returns:
       ``f(base, lora, *args, lora_rng=None, **kwargs)``; ``lora_rng`` drives LoRA dropout.
+      With a stack of adapters (:func:`lora_jax.stack`) as ``lora``, pass
+      ``adapter_ids=`` (one slot index or name per example, ``-1``/``"__base__"``: the base
+      alone), optionally ``batch_axes=`` and ``routing=`` (:mod:`lora_jax.multi.routing`).
       Python scalars and other non-array arguments are static (closed over when tracing).
     """
     if mode not in ("fast", "merged"):
@@ -66,7 +69,15 @@ def apply(
                         f" got a {type(fn).__name__}; call apply(fn)(base, lora, *args)")
 
     @functools.wraps(fn)
-    def wrapped(base, lora, *args, lora_rng=None, **kwargs):
+    def wrapped(base, lora, *args, lora_rng=None, adapter_ids=None, batch_axes=None,
+                routing="gather", **kwargs):
+        if adapter_ids is not None:  # a stack of adapters, one per example
+            from lora_jax.multi import routing as R
+
+            return R.run(run, fn, base, lora, args, kwargs, adapter_ids=adapter_ids,
+                         batch_axes=batch_axes, routing=routing, rng=lora_rng, strict=strict,
+                         mode=mode, modules_to_save=modules_to_save, bias=bias,
+                         compute_dtype=compute_dtype)
         return run(fn, base, lora, args, kwargs, rng=lora_rng, strict=strict, mode=mode,
                     modules_to_save=modules_to_save, bias=bias, compute_dtype=compute_dtype)
 
@@ -99,10 +110,13 @@ def report(fn: Callable, base, lora, *args, **kwargs) -> Report:
 
 
 def run(fn, base, lora, args, kwargs, *, rng=None, strict=False, mode="fast",
-         modules_to_save=None, bias="none", report=None, compute_dtype=None):
+         modules_to_save=None, bias="none", report=None, compute_dtype=None, unmerged=False):
     V.base_leaves(base, "apply")
     check_fits(base, lora, where="apply")
     lmap = leaves(lora)
+    if any(x.stacked for x in lmap.values()):
+        raise TypeError("apply: the LoRA tree is a stack of adapters; pass adapter_ids= (one "
+                        "per example) or pick one adapter with lora_jax.unstack")
     keep = trainable_base_paths(base, lora, modules_to_save=modules_to_save, bias=bias)
 
     def freeze(path, x):
@@ -127,6 +141,7 @@ def run(fn, base, lora, args, kwargs, *, rng=None, strict=False, mode="fast",
             invals.append(tag(path, x, lmap.get(path)))
         else:
             invals.append(x)
-    cfg = Config(strict=strict, rng=rng, report=report, compute_dtype=compute_dtype)
+    cfg = Config(strict=strict, rng=rng, report=report, compute_dtype=compute_dtype,
+                 unmerged=unmerged)
     outs = concrete(eval_jaxpr(cfg, jx.closed.jaxpr, jx.closed.consts, invals + jx.dyn_vals))
     return jax.tree.unflatten(jx.out_tree, outs)

@@ -54,6 +54,7 @@ class Config:
     report: dict | None
     use_count: dict = dataclasses.field(default_factory=dict)
     compute_dtype: Any = None
+    unmerged: bool = False  # x·W0 + s·(x·A)·B: per-example adapters, no merged weight
 
 
 def note(cfg: Config, path: str, primitive: str, route: str, reason: str | None = None):

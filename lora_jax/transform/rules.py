@@ -145,6 +145,9 @@ def _dot_inner(cfg: Config, eqn, invals, wi, t: Tagged, x, params):
         mask = jax.random.bernoulli(key, keep, x.shape)
         xd = jnp.where(mask, x / keep, 0).astype(x.dtype)
         return fast_dot.dropout_dot_general(x, xd, t.base, t.lora, spec)
+    if cfg.unmerged:
+        note(cfg, t.path, "dot_general", "fast-unmerged")
+        return fast_dot.dropout_dot_general(x, x, t.base, t.lora, spec)
     note(cfg, t.path, "dot_general", "fast")
     return fast_dot.lora_dot_general(x, t.base, t.lora, spec)
 
