@@ -138,7 +138,7 @@ def _loftq(w, leaf, num_iter, fmt, block_size, double_quant, storage, order, pat
 
 def _svd_factors(err, leaf):
     """``(A, B)`` with ``scale·A·B`` the best rank-r approximation of ``err`` (kernel order),
-    ``√S`` on each side as PEFT ``_SafetensorLoader``/``loftq_init``'s ``low_rank_decomposition``."""
+    ``√S`` on each side as PEFT's ``_low_rank_decomposition``."""
     s, ins, outs = leaf.stack_shape, leaf.in_shape, leaf.out_shape
     e = jnp.transpose(err, Lay.to_canonical(leaf.layout)).reshape(
         s + (math.prod(ins), math.prod(outs)))
