@@ -118,9 +118,20 @@ def init(
 
 
 def _loftq(w, leaf, num_iter, fmt, block_size, double_quant, storage, order, path):
-    qz = functools.partial(quantize_array, format=fmt, block_size=block_size,
-                           double_quant=double_quant, storage=storage, path=path, order=order)
     quantize_array(w, fmt, block_size=block_size, path=path)  # NaN/Inf check, outside jit
+    meta = (tuple(leaf.a.shape), tuple(leaf.b.shape), leaf.alpha, leaf.rslora, leaf.in_axes,
+            leaf.stack_axes, leaf.roles)
+    return _compiled(meta, num_iter, fmt, block_size, double_quant, storage, order)(w)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(meta, num_iter, fmt, block_size, double_quant, storage, order):
+    """The jitted LoftQ loop for one kernel layout (shared by kernels of the same shape)."""
+    a_shape, b_shape, alpha, rslora, in_axes, stack_axes, roles = meta
+    leaf = LoraWeight(a=jnp.zeros(a_shape), b=jnp.zeros(b_shape), alpha=alpha, rslora=rslora,
+                      in_axes=in_axes, stack_axes=stack_axes, roles=roles)
+    qz = functools.partial(quantize_array, format=fmt, block_size=block_size,
+                           double_quant=double_quant, storage=storage, order=order)
 
     @jax.jit
     def run(w):
@@ -133,7 +144,7 @@ def _loftq(w, leaf, num_iter, fmt, block_size, double_quant, storage, order, pat
                        - leaf.replace(a=a, b=b).delta()).astype(w.dtype)
         return q, a, b
 
-    return run(w)
+    return run
 
 
 def _svd_factors(err, leaf):
