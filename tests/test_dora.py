@@ -169,3 +169,15 @@ def test_bad_magnitude_shape_is_named():
     bad = {"kernel": lora["kernel"].replace(m=jnp.ones(5))}
     with pytest.raises(ValueError, match="'kernel'.*m has shape"):
         lora_jax.merge({"kernel": jnp.ones((8, 4))}, bad)
+
+
+def test_sharding_specs_follow_the_kernel():
+    from jax.sharding import PartitionSpec as PS
+
+    from lora_jax import sharding
+
+    params = {"d": {"kernel": jnp.ones((3, 8, 4))}}
+    lora = lora_jax.init(params, r=2, key=jax.random.key(0), dora=True, stack_axes=1)
+    s = sharding.specs(lora, {"d/kernel": PS("pp", "data", "model")})["d"]["kernel"]
+    assert (s.a, s.b, s.m) == (PS("pp", "data"), PS("pp", None, "model"),
+                               PS("pp", "model"))
