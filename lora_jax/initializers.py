@@ -106,10 +106,10 @@ def init(
     for path, s in spec.items():
         k = P.path_key(key, path)
         out[path] = _init_leaf(k, s, init, rslora, dtype, dropout, path)
-        if dora:
-            w0 = s["leaf"] if init not in ("pissa", "olora") else None
-            if w0 is None:  # the base these schemes go with is the residual
-                w0 = out[path].unmerged(protocols.dense(s["leaf"], jnp.float32))
+        if dora:  # m: the norms of the adapted kernel, so the model starts unchanged
+            w0 = protocols.dense(s["leaf"], jnp.float32)
+            if init in ("pissa", "olora"):  # these go with the residual base
+                w0 = out[path].unmerged(w0)
             out[path] = dora_mod.from_lora(out[path], w0, dtype=dtype)
     return from_leaves(out)
 

@@ -202,3 +202,16 @@ def test_fast_path_forms_no_dw():
     lora_fast, dora_fast, dora_merged = flops(lora, "fast"), flops(d, "fast"), flops(d, "merged")
     assert dora_fast < 1.15 * lora_fast
     assert dora_merged > dora_fast + 0.8 * 2 * 64 * 256 * 256  # at least one more big matmul
+
+
+def test_transposed_use_takes_the_merged_weight():
+    # x·Wᵀ contracts the output axis, where the rescale lives: the merged weight, correctly
+    k = jax.random.split(jax.random.key(8), 2)
+    params = {"e": {"kernel": jax.random.normal(k[0], (16, 12))}}
+    lora = _rand_dora(params, k[1])
+    fn = lambda p, x: x @ p["e"]["kernel"].T  # noqa: E731
+    x = jax.random.normal(k[1], (3, 12))
+    rep = lora_jax.report(fn, params, lora, x)
+    assert rep.weights["e/kernel"].routes == ["fallback"]
+    np.testing.assert_allclose(lora_jax.apply(fn)(params, lora, x),
+                               fn(lora_jax.merge(params, lora), x), rtol=1e-5, atol=1e-5)
