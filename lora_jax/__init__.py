@@ -7,7 +7,7 @@ safetensors, ``sharding``, ``nnx``, ``models``, ``demo``) load on first use.
 
 import importlib
 
-from lora_jax import adalora
+from lora_jax import adalora, dora, loftq, loraplus
 from lora_jax.initializers import init
 from lora_jax.layouts import Layouts, WeightLayout, trace
 from lora_jax.leaves import LoraWeight
@@ -57,8 +57,11 @@ __all__ = [
     "checkpoint",
     "combine",
     "dequantize_tree",
+    "dora",
     "init",
     "is_quantized",
+    "loftq",
+    "loraplus",
     "merge",
     "multi",
     "nnx",

@@ -83,8 +83,7 @@ def merged_view(base, leaf, ops, anchor=None) -> jax.Array:
     else:
         w = lax.stop_gradient(base.dequantize(after=anchor, stored_order=True))
     if leaf is not None:
-        w = (w.astype(jnp.promote_types(w.dtype, jnp.float32))
-             + leaf.delta(order=order)).astype(w.dtype)
+        w = leaf.merged(w, order=order).astype(w.dtype)
     if order is not None:
         w = jnp.transpose(w, tuple(int(k) for k in np.argsort(order)))
     return _replay(w, ops)
@@ -228,6 +227,27 @@ def lora_dot_general(x, base, leaf, spec: DotSpec):
 
     f.defvjp(fwd, bwd)
     return f(x, base, leaf)
+
+
+def rescale_output(y, units, spec: DotSpec):
+    """``y`` (a ``dot_general`` output) times ``units`` ``(*stack, *out)``, one factor per
+    output unit of the kernel (DoRA's ``m / ‖V‖``), placed on ``y``'s weight dims. Needs a
+    use that contracts the kernel's input axes (``spec.layout.contract_in``)."""
+    lay = spec.layout
+    stack, _, outs = Lay.split(lay.roles, range(len(lay.roles)))
+    axes = list(stack + outs)  # the kernel axes of units' dims
+    for k, idx in sorted(lay.fixed, key=lambda t: -axes.index(t[0])):
+        units = lax.index_in_dim(units, idx, axes.index(k), keepdims=False)
+        axes.remove(k)
+    want = list(lay.b_atoms + lay.f_atoms)
+    units = units.reshape(tuple(n for n, k in zip(units.shape, axes) if k in want))
+    units = jnp.transpose(units, [[k for k in axes if k in want].index(k) for k in want])
+    nb, nf = len(lay.b_shape), len(lay.f_shape)
+    ones = (1,) * (y.ndim - nb - nf)  # x's free dims
+    shape = (lay.b_shape + lay.f_shape + ones if spec.w_is_lhs
+             else lay.b_shape + ones + lay.f_shape)
+    return (y * units.reshape(shape).astype(jnp.promote_types(y.dtype, units.dtype))
+            ).astype(y.dtype)
 
 
 def dropout_dot_general(x, x_dropped, base, leaf, spec: DotSpec):

@@ -15,17 +15,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax import dora as dora_mod
 from lora_jax import layouts as Lay
 from lora_jax import paths as P
 from lora_jax import protocols
 from lora_jax import validation as V
-from lora_jax.leaves import LoraWeight, from_leaves
+from lora_jax.leaves import LoraWeight, LowRankLeaf, from_leaves
 from lora_jax.targets import resolve_targets
 
 PyTree = Any
 
 
-INIT_SCHEMES = ("default", "gaussian", "pissa", "zeros")
+INIT_SCHEMES = ("default", "gaussian", "pissa", "olora", "zeros")
 
 
 def init(
@@ -44,6 +45,7 @@ def init(
     stack_axes: int | Mapping[str, int] | None = None,
     dropout: float = 0.0,
     layouts: Mapping[str, Any] | None = None,
+    dora: bool = False,
 ) -> dict:
     """Creates a LoRA tree for ``params``.
 
@@ -62,7 +64,10 @@ def init(
       init: ``"default"`` (PEFT: A kaiming-uniform with a=sqrt(5), B zeros), ``"gaussian"``
         (PEFT: A ~ N(0, (1/r)^2), B zeros), ``"pissa"`` (A, B from the top-r SVD of the
         kernel; use ``unmerge(params, lora)`` as the frozen base so the model is unchanged),
-        or ``"zeros"`` (both zero; for tests and loading).
+        ``"olora"`` (PEFT's OLoRA: ``A = Rᵣ``, ``B = Qᵣ`` from the QR decomposition of the
+        PyTorch-layout ``(out, in)`` kernel; use ``unmerge(params, lora)`` as the base, which
+        is PEFT's adjusted ``W - scale·B·A``), or ``"zeros"`` (both zero; for tests and
+        loading).
       rslora: scale by ``alpha/sqrt(r)`` instead of ``alpha/r``.
       dtype: dtype of the factors (float32 by default, whatever the base dtype).
       in_axes: number of leading kernel axes that are the input, as an int or
@@ -97,10 +102,15 @@ def init(
         params, r=r, alpha=alpha, targets=targets, exclude=exclude, rules=rules,
         in_axes=in_axes, stack_axes=stack_axes, layouts=layouts,
     )
-    out = {}
+    out: dict[str, LowRankLeaf] = {}
     for path, s in spec.items():
         k = P.path_key(key, path)
         out[path] = _init_leaf(k, s, init, rslora, dtype, dropout, path)
+        if dora:  # m: the norms of the adapted kernel, so the model starts unchanged
+            w0 = protocols.dense(s["leaf"], jnp.float32)
+            if init in ("pissa", "olora"):  # these go with the residual base
+                w0 = out[path].unmerged(w0)
+            out[path] = dora_mod.from_lora(out[path], w0, dtype=dtype)
     return from_leaves(out)
 
 
@@ -123,6 +133,12 @@ def _init_leaf(key, s, scheme, rslora, dtype, dropout, path) -> LoraWeight:
         b = jnp.zeros(b_shape, dtype)
     elif scheme == "zeros":
         a, b = jnp.zeros(a_shape, dtype), jnp.zeros(b_shape, dtype)
+    elif scheme == "olora":  # Büyükakyüz 2024; PEFT LoraLayer.olora_init on (out, in)
+        w = jnp.transpose(protocols.dense(s["leaf"], jnp.float32), Lay.to_canonical(roles))
+        wt = jnp.swapaxes(w.reshape(stack + (n_in, n_out)), -1, -2)  # torch's (out, in)
+        q, rr_ = jnp.linalg.qr(wt)  # q (out, k), r (k, in)
+        a = jnp.swapaxes(rr_[..., :rr, :], -1, -2).reshape(a_shape).astype(dtype)
+        b = jnp.swapaxes(q[..., :, :rr], -1, -2).reshape(b_shape).astype(dtype)
     else:  # pissa (Meng et al. 2024; PEFT init_lora_weights="pissa")
         w = jnp.transpose(protocols.dense(s["leaf"], jnp.float32), Lay.to_canonical(roles))
         u, sv, vt = jnp.linalg.svd(w.reshape(stack + (n_in, n_out)), full_matrices=False)

@@ -62,9 +62,10 @@ class LowRankLeaf:
     dropout: float
     kind: ClassVar[str] = "LoRA"  # name shown by summary()
     peft_type: ClassVar[str] = "LORA"
-    field_roles: ClassVar[dict[str, str]] = {}  # array field -> "in" | "out" | "rank"
+    field_roles: ClassVar[dict[str, str]] = {}  # array field -> "in" | "out" | "rank" | "unit"
     frozen_fields: ClassVar[tuple[str, ...]] = ()  # array fields that never train
     stacked: ClassVar[bool] = False  # a stack of adapters (lora_jax.multi)
+    peft_config: ClassVar[dict[str, Any]] = {}  # PEFT config fields of the kind ({"use_dora": ...})
 
     if TYPE_CHECKING:  # what ``flax.struct.dataclass`` adds to every subclass
         __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
@@ -160,6 +161,25 @@ class LowRankLeaf:
         if want != canonical:
             d = jnp.transpose(d, [canonical.index(k) for k in want])
         return d if dtype is None else d.astype(dtype)
+
+    def merged(self, w: jax.Array, order: tuple[int, ...] | None = None) -> jax.Array:
+        """The adapted kernel for a dense base ``w`` (in the kernel's axis order, or in
+        ``order``), at least float32: ``w + scale·A·B`` here; DoRA rescales it."""
+        return w.astype(jnp.promote_types(w.dtype, jnp.float32)) + self.delta(order=order)
+
+    def unmerged(self, w: jax.Array) -> jax.Array:
+        """Inverse of :meth:`merged` (kernel order), at least float32."""
+        return w.astype(jnp.promote_types(w.dtype, jnp.float32)) - self.delta()
+
+    def linear_part(self) -> LowRankLeaf:
+        """The leaf whose update is this one's ``scale·A·B``: itself, unless the kind also
+        rescales the output (DoRA), which :meth:`output_scale` then gives."""
+        return self
+
+    def output_scale(self, w0: jax.Array) -> jax.Array | None:
+        """Per output unit ``(*stack, *out)``, the factor the output of the linear update's
+        matmul is multiplied by, for the dense base ``w0``; ``None`` for plain LoRA."""
+        return None
 
     def unstack_leading(self):
         """This adapter's metadata for one index of the kernel's first axis (a stack axis):

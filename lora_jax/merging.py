@@ -60,7 +60,8 @@ def check_fits(base: PyTree, lora: PyTree, *, where: str = "check_fits") -> dict
 
 def merge(base: PyTree, lora: PyTree, *, dtype=None, requantize: bool = False,
           int_rounding: str | None = None):
-    """``base`` with every targeted kernel replaced by ``kernel + scale * A @ B``.
+    """``base`` with every targeted kernel replaced by ``kernel + scale * A @ B`` (the leaf
+    kind's ``merged``: DoRA rescales it per output unit).
 
     Quantized base leaves are dequantized (to ``dtype``, default their original dtype);
     merged kernels keep the base dtype unless ``dtype`` is given.
@@ -101,8 +102,8 @@ def merge(base: PyTree, lora: PyTree, *, dtype=None, requantize: bool = False,
     def f(path, w):
         if path in targets:
             wd = protocols.dense(w)
-            delta = lmap[path].delta()
-            merged = wd.astype(jnp.promote_types(wd.dtype, jnp.float32)) + delta
+            merged = lmap[path].merged(wd)
+            delta = merged - wd.astype(merged.dtype)
             if requantize and protocols.is_base_leaf(w):
                 q = w.requantize(merged, path=path)
                 qd = q.dequantize(jnp.float32)
@@ -135,9 +136,7 @@ def unmerge(merged: PyTree, lora: PyTree, *, int_rounding: str | None = None) ->
     def f(path, w):
         if path in targets:
             wd = protocols.dense(w)
-            return V.cast_merged(
-                wd.astype(jnp.promote_types(wd.dtype, jnp.float32)) - lmap[path].delta(),
-                wd.dtype, int_rounding)
+            return V.cast_merged(lmap[path].unmerged(wd), wd.dtype, int_rounding)
         return w
 
     return P.map_with_path(f, merged)

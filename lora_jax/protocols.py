@@ -76,9 +76,10 @@ class LowRankLeaf(Protocol):
 
     kind: ClassVar[str]  # the method's name, for summaries ("LoRA", "AdaLoRA")
     peft_type: ClassVar[str]  # PEFT's ``peft_type`` for this kind ("LORA", "ADALORA")
-    field_roles: ClassVar[Mapping[str, str]]  # array field -> "in" | "out" | "rank"
+    field_roles: ClassVar[Mapping[str, str]]  # array field -> "in" | "out" | "rank" | "unit"
     frozen_fields: ClassVar[tuple[str, ...]]  # array fields that never train (a stack's scales)
     stacked: ClassVar[bool]  # K adapters, one picked per example (apply needs adapter_ids=)
+    peft_config: ClassVar[Mapping[str, Any]]  # PEFT config fields of the kind ({"use_dora": 1})
     in_axes: int
     stack_axes: int
     roles: str
@@ -123,6 +124,24 @@ class LowRankLeaf(Protocol):
 
     def check(self, where: str) -> None:
         """Raises if the leaf is not self-consistent (shapes, dtypes, numbers)."""
+        ...
+
+    def merged(self, w: jax.Array, order: tuple[int, ...] | None = None) -> jax.Array:
+        """The adapted kernel for the dense base ``w`` (axes in kernel order, or ``order``):
+        ``w + scale·A·B``, or the kind's own (DoRA rescales it per output unit)."""
+        ...
+
+    def unmerged(self, w: jax.Array) -> jax.Array:
+        """Inverse of :meth:`merged`, or ``ValueError`` where ``w`` alone does not give it."""
+        ...
+
+    def linear_part(self) -> LowRankLeaf:
+        """The leaf of the plain update ``scale·A·B`` (itself unless it rescales outputs)."""
+        ...
+
+    def output_scale(self, w0: jax.Array) -> jax.Array | None:
+        """``(*stack, *out)`` factors the linear part's output is multiplied by (DoRA's
+        ``m/‖V‖``), or ``None``."""
         ...
 
     def peft_matrices(self, index: tuple[int, ...]) -> dict[str, np.ndarray]:

@@ -31,3 +31,17 @@ def test_demo_multi_tiny(capsys):
     for name, (base, together, alone) in ((k, v) for k, v in out.items() if k != "generated"):
         assert abs(together - alone) < 1e-3 and together < base, name
     assert len(out["generated"]) == 5  # four adapters and the base alone
+
+
+def test_demo_variants_tiny(tmp_path):
+    # DoRA (a leaf kind of its own) and LoftQ (a base of its own) end to end; LoRA+ and
+    # OLoRA change only the optimizer and the init, which lora_jax.demo.variants sets up.
+    rows = demo.main(["--method", "dora,loftq", "--pretrain-steps", "2", "--steps", "3", "--d",
+                      "32", "--layers", "1", "--batch", "2", "--seq", "16", "--quiet", "--out",
+                      str(tmp_path)])
+    assert [r[0] for r in rows] == ["dora", "loftq"]
+    cfg = json.loads((tmp_path / "dora" / "peft" / "adapter_config.json").read_text())
+    assert cfg["use_dora"] is True
+    for _, n, size, t, peak, before, after in rows:
+        assert n > 0 and size > 0 and t > 0 and peak > 0 and before > 0 and after > 0
+    assert rows[0][1] > rows[1][1]  # DoRA's magnitudes on top of LoRA's factors

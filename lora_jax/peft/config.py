@@ -21,7 +21,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PeftModel's prefix of every adapter tensor key
 
 # PEFT options whose adapters a plain LoRA/AdaLoRA forward would not reproduce.
-_UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora", "use_bdlora", "velora_config",
+_UNSUPPORTED = ("lora_bias", "use_qalora", "use_bdlora", "velora_config",
                 "alora_invocation_tokens", "monteclora_config", "arrow_config", "kasa_config",
                 "modules_to_save", "trainable_token_indices", "layer_replication",
                 "target_parameters", "megatron_config")
@@ -71,13 +71,15 @@ def check_config(cfg: Mapping[str, Any], where: str) -> str:
         raise ValueError(f"{where}: unsupported peft_type {peft_type!r}; lora_jax.peft reads and "
                          "writes LORA and ADALORA adapters")
     bad = [k for k in _UNSUPPORTED if cfg.get(k)]
+    if cfg.get("use_dora") and peft_type != "LORA":
+        bad.append("use_dora with peft_type " + repr(peft_type))
     if cfg.get("bias", "none") != "none":
         bad.append(f"bias={cfg['bias']!r}")
     if str(cfg.get("init_lora_weights", True)).lower().startswith("mica"):
         bad.append("init_lora_weights='mica'")
     if bad:
         raise ValueError(f"{where}: unsupported PEFT options {bad}: lora_jax.peft handles plain "
-                         "LoRA/AdaLoRA adapters (no DoRA, LoRA bias, trained biases, "
+                         "LoRA (and DoRA)/AdaLoRA adapters (no LoRA bias, trained biases, "
                          "modules_to_save, or other LoRA variants)")
     init = cfg.get("init_lora_weights", True)
     if isinstance(init, str) and init.split("_")[0] in ("pissa", "olora", "corda", "loftq", "eva"):

@@ -35,11 +35,15 @@ from lora_jax.peft.names import NameMap, few
 PyTree = Any
 
 _ROLES = {"LORA": {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A",
-                   "lora_embedding_B": "B"},
+                   "lora_embedding_B": "B", "lora_magnitude_vector": "M"},
           "ADALORA": {"lora_A": "A", "lora_B": "B", "lora_E": "E"}}
 
 
-def _split_keys(tensors, peft_type) -> dict[str, dict[str, tuple[str, np.ndarray]]]:
+_NAMES = {"A": "lora_A", "B": "lora_B", "E": "lora_E",
+          "M": "lora_magnitude_vector (the config has use_dora)"}
+
+
+def _split_keys(tensors, peft_type, dora=False) -> dict[str, dict[str, tuple[str, np.ndarray]]]:
     """``{module: {"A" | "B" | "E": (tensor key, tensor)}}``; every module needs all of its
     kind's tensors."""
     roles = _ROLES[peft_type]
@@ -51,10 +55,11 @@ def _split_keys(tensors, peft_type) -> dict[str, dict[str, tuple[str, np.ndarray
                              f"'{PREFIX}<module>.<{'|'.join(roles)}>'")
         out.setdefault(key[len(PREFIX): -len(suffix) - 1], {})[roles[suffix]] = (key, v)
     for name, d in out.items():
-        need = {"A", "B"} | ({"E"} if peft_type == "ADALORA" else set())
+        need = {"A", "B"} | ({"E"} if peft_type == "ADALORA" else set()) | (
+            {"M"} if dora else set())
         if set(d) != need:
             raise ValueError(f"load: module {name!r} has tensors {sorted(k for k, _ in d.values())}"
-                             f", missing {sorted(need - set(d))}")
+                             f", missing {sorted(_NAMES[x] for x in need - set(d))}")
     return out
 
 
@@ -103,7 +108,7 @@ def load(
     peft_type = check_config(cfg, f"load {os.fspath(directory)!r}")
     check_values(cfg, peft_type, f"load: {os.path.join(os.fspath(directory), CONFIG_NAME)}")
     ada = peft_type == "ADALORA"
-    mods = _split_keys(_read_tensors(directory), peft_type)
+    mods = _split_keys(_read_tensors(directory), peft_type, bool(cfg.get("use_dora")))
     if not mods:
         raise ValueError(f"load: {WEIGHTS_NAME} in {os.fspath(directory)!r} has no adapter tensors")
     targets = targets_of(params, name_map, in_axes, stack_axes)

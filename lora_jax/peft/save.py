@@ -28,7 +28,7 @@ PyTree = Any
 _ADALORA_DEFAULTS = dict(tinit=0, tfinal=0, deltaT=1, beta1=0.85, beta2=0.85, orth_reg_weight=0.5,
                          total_step=1)  # PEFT refuses total_step=None; override via extra_config
 # Config fields the tree determines, which extra_config may not set.
-_SAVE_PROTECTED = ("peft_type", "r", "lora_alpha", "target_modules", "rank_pattern",
+_SAVE_PROTECTED = ("peft_type", "r", "lora_alpha", "target_modules", "rank_pattern", "use_dora",
                    "alpha_pattern", "use_rslora", "init_r", "target_r")
 
 
@@ -50,6 +50,8 @@ def _module_tensors(t: Target, leaf: L.LowRankLeaf, idx, sl, dtype) -> dict[str,
     a, b = m.pop("lora_A"), m.pop("lora_B")  # (r, n_in), (n_out, r)
     if m and t.layer != "linear":
         raise NotImplementedError(f"{t.path!r}: PEFT's {leaf.peft_type} adapts Linear layers only")
+    if m and sl is not None and leaf.peft_type == "LORA":
+        raise NotImplementedError(f"{t.path!r}: a {leaf.kind} adapter of a fused kernel")
     if t.layer == "conv":  # (r, cin, *spatial) from the kernel's (*spatial, cin) input axes
         spatial = t.core[: t.in_axes - 1]
         r = a.shape[0]
@@ -132,6 +134,10 @@ def save(
             hp = leaf.hparams()
             ranks[name], alphas[name] = leaf.r, float(hp["alpha"])
             rslora[name], dropout[name] = hp.get("rslora", False), leaf.dropout
+    kinds = {json.dumps(x.peft_config, sort_keys=True) for x in lmap.values()}
+    if len(kinds) > 1:
+        raise ValueError(f"save: PEFT has one config for all modules, but the tree mixes "
+                         f"{sorted({x.kind for x in lmap.values()})} adapters")
     if len(set(dropout.values())) > 1:
         warnings.warn(f"save: PEFT has one lora_dropout; the modules have {set(dropout.values())},"
                       " writing the most common", stacklevel=2)
@@ -142,6 +148,7 @@ def save(
         fan_in_fan_out=False, init_lora_weights=True, use_dora=False, modules_to_save=None,
         layers_to_transform=None, layers_pattern=None,
     )
+    cfg.update(next(iter(lmap.values())).peft_config)  # DoRA: use_dora=True
     if ada:
         for what, vals in (("init_r", ranks), ("lora_alpha", alphas),
                            ("target_r", {p: x.hparams()["target_r"] for p, x in lmap.items()})):

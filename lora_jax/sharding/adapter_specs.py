@@ -91,7 +91,7 @@ def array_fields(leaf) -> dict[str, Any]:
 
 def _roles(leaf) -> dict[str, str]:
     """Which kernel axes each array field follows: "in" (*stack, *in, r), "out" (*stack, r,
-    *out), "rank" (*stack, r); the leaf kind's ``field_roles``."""
+    *out), "rank" (*stack, r), "unit" (*stack, *out); the leaf kind's ``field_roles``."""
     roles = getattr(leaf, "field_roles", None)
     if not roles:
         raise TypeError(f"no sharding roles known for adapter kind {type(leaf).__name__}; give "
@@ -103,7 +103,7 @@ def _leaf_specs(leaf, kernel: tuple, path: str):
     sa, ia = leaf.stack_axes, leaf.in_axes
     stack, k_in, k_out = Lay.split(leaf.layout, kernel)
     by_role = {"in": stack + k_in + (None,), "out": stack + (None,) + k_out,
-               "rank": stack + (None,)}
+               "rank": stack + (None,), "unit": stack + k_out}
     roles = _roles(leaf)
     out = {}
     for name, arr in array_fields(leaf).items():

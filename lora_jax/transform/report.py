@@ -13,7 +13,8 @@ class Use:
       primitive: the JAX primitive that reads the weight (``"dot_general"``, ``"gather"``,
         ``"scan"``, ...).
       route: ``"fast"`` (the dW-free LoRA matmul), ``"fast-dropout"`` (its unmerged form
-        with LoRA dropout), ``"gather"`` (``A[ids]·B`` for an embedding lookup),
+        with LoRA dropout), either with ``"+rescale"`` for a kind that rescales output units
+        after it (DoRA), ``"gather"`` (``A[ids]·B`` for an embedding lookup),
         ``"dequantize"`` (a quantized base weight without adapter, dequantized at use) or
         ``"fallback"`` (the merged weight ``W0 + s·A·B`` for this use: correct, slower).
       reason: why a use fell back; ``None`` otherwise.

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lora_jax import fast_dot
+from lora_jax import fast_dot, protocols
 from lora_jax import layouts as Lay
 from lora_jax import paths as P
 from lora_jax.leaves import LowRankLeaf
@@ -138,18 +138,27 @@ def _dot_inner(cfg: Config, eqn, invals, wi, t: Tagged, x, params):
         params=tuple(sorted(params.items(), key=lambda kv: kv[0])),
         view_dtype=t.dtype,
     )
+    lin = t.lora.linear_part()  # DoRA: the LoRA matmul, then a rescale per output unit
+    if lin is not t.lora and not layout.contract_in:
+        return fallback(cfg, eqn, invals, "x·Wᵀ of an adapter that rescales output units")
+    tag = "" if lin is t.lora else "+rescale"
     if t.lora.dropout > 0.0 and cfg.rng is not None:
-        note(cfg, t.path, "dot_general", "fast-dropout")
+        note(cfg, t.path, "dot_general", "fast-dropout" + tag)
         key = use_key(cfg, cfg.rng, t.path)
         keep = 1.0 - t.lora.dropout
         mask = jax.random.bernoulli(key, keep, x.shape)
         xd = jnp.where(mask, x / keep, 0).astype(x.dtype)
-        return fast_dot.dropout_dot_general(x, xd, t.base, t.lora, spec)
-    if cfg.unmerged:
-        note(cfg, t.path, "dot_general", "fast-unmerged")
-        return fast_dot.dropout_dot_general(x, x, t.base, t.lora, spec)
-    note(cfg, t.path, "dot_general", "fast")
-    return fast_dot.lora_dot_general(x, t.base, t.lora, spec)
+        y = fast_dot.dropout_dot_general(x, xd, t.base, lin, spec)
+    elif cfg.unmerged:
+        note(cfg, t.path, "dot_general", "fast-unmerged" + tag)
+        y = fast_dot.dropout_dot_general(x, x, t.base, lin, spec)
+    else:
+        note(cfg, t.path, "dot_general", "fast" + tag)
+        y = fast_dot.lora_dot_general(x, t.base, lin, spec)
+    if lin is t.lora:
+        return y
+    w0 = lax.stop_gradient(protocols.dense(t.base, after=x))
+    return fast_dot.rescale_output(y, t.lora.output_scale(w0), spec)
 
 
 def use_key(cfg: Config, rng: jax.Array, path: str) -> jax.Array:
@@ -171,6 +180,7 @@ def gather(cfg: Config, eqn, invals):
     ks = t.kernel_shape
     plain = (
         lr is not None
+        and lr.linear_part() is lr  # a lookup cannot rescale output units (DoRA)
         and lr.layout == "io"
         and not t.fixed
         and t.axes == ((0,), (1,))
