@@ -215,6 +215,12 @@ def test_clear_errors():
             PARAMS, s, TOK, adapter_ids=jnp.zeros(6, jnp.int32)))(STACK)
     with pytest.raises(ValueError, match="rank 6 above the stack's padded rank 4"):
         multi.replace(STACK, "x", adapter(6, 1.0, 4))
+    # DoRA's magnitudes are not scale·A·B: refused, not silently dropped.
+    dora = lora_jax.init(PARAMS, r=2, key=jax.random.key(9), layouts=LAYOUTS, dora=True)
+    with pytest.raises(ValueError, match="'d' at .* is a DoRA leaf"):
+        lora_jax.stack({"x": ADS["x"], "d": dora})
+    with pytest.raises(ValueError, match="combine: adapter 'd' at .* is a DoRA leaf"):
+        multi.combine({"x": ADS["x"], "d": dora}, [0.5, 0.5], "cat")
 
 
 def test_trainable_mask_and_files(tmp_path):

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from lora_jax import paths as P
 from lora_jax.leaves import LoraWeight, from_leaves, leaves
-from lora_jax.multi.stack import is_stacked, unstack
+from lora_jax.multi.stack import is_stacked, require_linear, unstack
 
 METHODS = ("linear", "cat", "svd", "ties", "magnitude_prune", "dare_linear", "dare_ties")
 _EQUAL_RANK = ("linear", "ties", "magnitude_prune", "dare_linear", "dare_ties")
@@ -136,6 +136,7 @@ def combine(adapters: Mapping[str, Any] | Any, weights: Sequence[float], method:
         first = src[0]
         meta = (first.in_axes, first.stack_axes, first.layout, first.kernel_shape)
         for i, leaf in zip(idx, src):
+            require_linear(leaf, names[i], path, "combine")
             if (leaf.in_axes, leaf.stack_axes, leaf.layout, leaf.kernel_shape) != meta:
                 raise ValueError(f"combine: {names[i]!r} at {path!r} has another layout or "
                                  "kernel shape than the first adapter there")

@@ -65,6 +65,14 @@ def _named(adapters) -> dict[str, PyTree]:
     return out
 
 
+def require_linear(leaf, name: str, path: str, where: str) -> None:
+    """Raise unless ``leaf``'s update is ``scale·A·B`` alone (not DoRA's rescale, not a stack)."""
+    if leaf.linear_part() is not leaf or leaf.stacked:
+        raise ValueError(
+            f"{where}: adapter {name!r} at {path!r} is a {leaf.kind} leaf, whose update is not "
+            "scale·A·B alone (LoRA, rsLoRA, PiSSA, OLoRA, LoftQ and AdaLoRA adapters are)")
+
+
 def _meta(leaf) -> tuple:
     return (leaf.in_axes, leaf.stack_axes, leaf.layout, float(leaf.dropout))
 
@@ -92,6 +100,7 @@ def stack(adapters: Mapping[str, PyTree] | Sequence[PyTree]) -> PyTree:
         have = {n: m[path] for n, m in per.items() if path in m}
         first_name, first = next(iter(have.items()))
         for n, leaf in have.items():
+            require_linear(leaf, n, path, "stack")
             if _meta(leaf) != _meta(first) or leaf.kernel_shape != first.kernel_shape:
                 raise ValueError(
                     f"stack: adapters {first_name!r} and {n!r} differ at {path!r}: kernel "
