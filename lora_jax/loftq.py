@@ -73,8 +73,9 @@ def init(
 
     Args:
       params: a dense parameter tree.
-      r, alpha, rslora, targets, exclude, rules, dtype, in_axes, stack_axes, dropout,
-        layouts: as :func:`lora_jax.init` (which weights, at which rank and layout).
+      r, alpha, rslora, dropout: as :func:`lora_jax.init` (the rank and scale).
+      targets, exclude, rules, dtype, in_axes, stack_axes, layouts: as :func:`lora_jax.init`
+        (which weights, in which layout).
       key: unused by the algorithm (it is deterministic); kept for :func:`lora_jax.init`'s
         signature.
       num_iter: alternating steps (PEFT's ``loftq_iter``, default 1).

@@ -1,5 +1,5 @@
 """DoRA: against PEFT 0.21.2's outputs, merged weights and gradients (tests/data/peft_dora*,
-see /work/shared/reference/README.md), float64 autodiff of the merged model on other layouts
+see tests/data/README.md), float64 autodiff of the merged model on other layouts
 and a quantized base, and round trips through PEFT files and orbax."""
 
 import functools

@@ -1,5 +1,5 @@
 """LoftQ against PEFT 0.21.2's ``loftq_init`` with bitsandbytes' NF4 (tests/data/peft_loftq.npz,
-see /work/shared/reference/README.md), and OLoRA against PEFT's ``olora_init`` written out in
+see tests/data/README.md), and OLoRA against PEFT's ``olora_init`` written out in
 float64 numpy."""
 
 import pathlib

@@ -1,6 +1,6 @@
 """Tests for lora_jax.peft: the PEFT adapter format, checked against a real PEFT adapter.
 
-`tests/data/peft_mlp_*` were written by PEFT 0.21.2 (see /work/shared/reference/README.md):
+`tests/data/peft_mlp_*` were written by PEFT 0.21.2 (see tests/data/README.md):
 the adapter, its base weights, and the adapted model's outputs. The torch-free checks here
 compare against those files and against float64 numpy versions of PEFT's formulas.
 """
