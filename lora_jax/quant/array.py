@@ -235,6 +235,14 @@ class QuantizedArray:
                             absmax2=None if self.absmax2 is None else dq,
                             offset=None if self.offset is None else rep)
 
+    def streamed(self, read: Any, *, path: str = "<array>",
+                 shardings: QuantizedArray | None = None) -> QuantizedArray:
+        """This abstract array quantized from a reader of the values in storage order, a chunk
+        (or a local shard) at a time; see :func:`lora_jax.quant.on_load.quantize_streamed`."""
+        from lora_jax.quant.on_load import quantize_streamed  # on_load imports this module
+
+        return quantize_streamed(self, read, path=path, shardings=shardings)
+
     def __repr__(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
         native = ", native" if self.storage == "native" else ""
