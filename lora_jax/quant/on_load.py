@@ -87,7 +87,9 @@ def quantize_streamed(like: QuantizedArray, read: Read, *, path: str = "<array>"
         return runs[run_of(index)][1]
 
     codes = _assemble(like.codes, shardings.codes, codes_of)
-    absmax = _assemble(like.absmax, shardings.absmax, absmax_of)
+    # first-level scales in float32 (under double quantization ``like.absmax`` is their codes)
+    scales = jax.ShapeDtypeStruct(like.absmax.shape, np.float32)
+    absmax = _assemble(scales, shardings.absmax, absmax_of)
     if like.absmax2 is None:
         return like.replace(codes=codes, absmax=absmax)
     # The offset is the mean of every block's scale: gather them all, then quantize them.
