@@ -59,6 +59,8 @@ class LlamaConfig:
       max_len: longest sequence the cache holds by default [max_position_embeddings].
       tied: output head = embedding transposed [tie_word_embeddings].
       dtype: compute dtype ("float32", "bfloat16"); parameters stay as loaded.
+      remat: recompute each block's activations in the backward pass (``nn.remat``) instead
+        of storing them, as QLoRA trains big models; same parameters.
     """
 
     vocab: int = 49152
@@ -73,6 +75,7 @@ class LlamaConfig:
     max_len: int = 2048
     tied: bool = True
     dtype: str = "float32"
+    remat: bool = False
 
     def __post_init__(self):
         head_dim = self.d // self.heads if self.head_dim is None else self.head_dim
@@ -209,7 +212,10 @@ class Llama(nn.Module):
         ks, vs = [], []
         for i in range(cfg.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = Block(cfg, name=f"layers_{i}")(x, positions, kv, start)
+            if cfg.remat and cache is None:
+                x, kv = nn.remat(Block)(cfg, name=f"layers_{i}")(x, positions)
+            else:
+                x, kv = Block(cfg, name=f"layers_{i}")(x, positions, kv, start)
             if kv is not None:  # as cache is: the block returns the cache it was given
                 ks.append(kv[0])
                 vs.append(kv[1])

@@ -144,7 +144,8 @@ def load(abstract: Any, sources: Mapping[str, Source], *, quantize: str | Mappin
     if quantize is not None:
         from lora_jax.quant import tree as qtree
 
-        opts = {"format": quantize} if isinstance(quantize, str) else dict(quantize)
+        opts: dict[str, Any] = ({"format": quantize} if isinstance(quantize, str)
+                                else dict(quantize))
         if "format" not in opts:
             raise ValueError(f"load: quantize={quantize!r} needs a 'format'")
         target = jax.eval_shape(lambda p: qtree.quantize(p, **opts), abstract)

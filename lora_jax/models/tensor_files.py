@@ -27,6 +27,7 @@ import os
 import struct
 import threading
 from collections.abc import Iterable, Mapping, Sequence
+from typing import cast
 
 import ml_dtypes
 import numpy as np
@@ -50,7 +51,7 @@ def checkpoint_files(path: str | os.PathLike) -> list[str]:
         return files
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no safetensors file or folder at {path}")
-    return [path]
+    return [os.fspath(path)]
 
 
 class TensorFiles:
@@ -68,8 +69,8 @@ class TensorFiles:
     """
 
     def __init__(self, path: str | os.PathLike | Sequence[str]):
-        self.files = (list(map(os.fspath, path)) if isinstance(path, (list, tuple))
-                      else checkpoint_files(path))
+        self.files = (checkpoint_files(path) if isinstance(path, (str, os.PathLike))
+                      else [os.fspath(p) for p in path])
         self.bytes_read = 0
         self._lock = threading.Lock()
         # name -> (file, dtype, shape, absolute byte offset)
@@ -168,12 +169,11 @@ def write(path: str | os.PathLike,
         a generator.
       metadata: the header's ``__metadata__`` (string values).
     """
-    items: Iterable[tuple[str, np.ndarray]]
+    items = cast("Iterable[tuple[str, np.ndarray]]",
+                 list(tensors.items()) if isinstance(tensors, Mapping) else tensors)
     if shapes is None:
-        items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+        items = list(items)
         shapes = {k: (v.shape, v.dtype) for k, v in items}
-    else:
-        items = tensors.items() if isinstance(tensors, Mapping) else tensors
     header: dict = {"__metadata__": dict(metadata or {"format": "np"})}
     pos = 0
     for name, (shape, dtype) in shapes.items():

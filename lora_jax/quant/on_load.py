@@ -86,10 +86,12 @@ def quantize_streamed(like: QuantizedArray, read: Read, *, path: str = "<array>"
     def absmax_of(index):
         return runs[run_of(index)][1]
 
-    codes = _assemble(like.codes, shardings.codes, codes_of)
+    # ``shardings`` holds a NamedSharding where ``like`` holds an array (see Args)
+    sh: Any = shardings
+    codes = _assemble(like.codes, sh.codes, codes_of)
     # first-level scales in float32 (under double quantization ``like.absmax`` is their codes)
     scales = jax.ShapeDtypeStruct(like.absmax.shape, np.float32)
-    absmax = _assemble(scales, shardings.absmax, absmax_of)
+    absmax = _assemble(scales, sh.absmax, absmax_of)
     if like.absmax2 is None:
         return like.replace(codes=codes, absmax=absmax)
     # The offset is the mean of every block's scale: gather them all, then quantize them.
@@ -97,9 +99,9 @@ def quantize_streamed(like: QuantizedArray, read: Read, *, path: str = "<array>"
     q, absmax2, offset = (np.asarray(a) for a in kernels.quantize_absmax(jnp.asarray(full)))
     return like.replace(
         codes=codes,
-        absmax=_assemble(like.absmax, shardings.absmax, lambda idx: q[idx]),
-        absmax2=_assemble(like.absmax2, shardings.absmax2, lambda idx: absmax2[idx]),
-        offset=_assemble(like.offset, shardings.offset, lambda idx: offset[idx]))
+        absmax=_assemble(like.absmax, sh.absmax, lambda idx: q[idx]),
+        absmax2=_assemble(like.absmax2, sh.absmax2, lambda idx: absmax2[idx]),
+        offset=_assemble(like.offset, sh.offset, lambda idx: offset[idx]))
 
 
 def _blocks(like: QuantizedArray, read: Read, start: int, stop: int,
