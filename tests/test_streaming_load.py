@@ -37,6 +37,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TIMEOUT_S = 180
 CFG = L.LlamaConfig(vocab=256, d=64, layers=2, heads=4, kv_heads=2, ffn=128, tied=False)
+# few distinct shapes (each a compile) for the mesh workers
+MESH_CFG = L.LlamaConfig(vocab=128, d=64, layers=1, heads=4, kv_heads=4, ffn=128, tied=False)
 OPTIONS = [{"format": "nf4"},  # QLoRA: double quantization, blocks along the inputs
            {"format": "int8", "double_quant": False, "block_size": 32, "blocks": "row-major"},
            {"format": "fp4", "storage": "native", "min_size": 9000}]
@@ -199,7 +201,7 @@ def worker(mode: str, out: str, port: int = 0, process_id: int = 0) -> None:
 
     folder = os.path.join(os.path.dirname(out), "ckpt")
     if process_id == 0 and not os.path.exists(os.path.join(folder, "config.json")):
-        write_checkpoint(folder)
+        write_checkpoint(folder, MESH_CFG)
     if mode == "pair":
         from jax.experimental import multihost_utils
 
@@ -228,7 +230,7 @@ def worker(mode: str, out: str, port: int = 0, process_id: int = 0) -> None:
                     x, y = x.view(np.uint8), y.view(np.uint8)
                 np.testing.assert_array_equal(x, y)
         share = sum(int(np.prod(files.shape(n))) * files.dtype(n).itemsize
-                    * (1 if files.shape(n)[0] == CFG.d and len(files.shape(n)) == 1 else 0.5
+                    * (1 if len(files.shape(n)) == 1 else 0.5
                        if jax.process_count() == 2 else 1) for n in files.keys())
         report[name] = {"bytes_read": files.bytes_read, "expected": share,
                         "total": reference_files.bytes_read, "sharded_leaves": sharded}
@@ -289,7 +291,7 @@ def test_load_onto_mesh_equals_device_put(tmp_path, mode):
     for r in reports:
         assert r["devices"] == 8 and r["processes"] == len(reports)
         for name in ("nf4", "dense") if mode == "pair" else ("nf4",):
-            assert r[name]["sharded_leaves"] > 10
+            assert r[name]["sharded_leaves"] >= 9  # every matrix
             # each process reads exactly its devices' slices, each slice once
             assert r[name]["bytes_read"] == r[name]["expected"], (name, r)
             if mode == "pair":

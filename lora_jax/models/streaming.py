@@ -20,7 +20,9 @@ QuantizedArray(nf4, shape=(2, 64), dtype=float32, block_size=64, double_quant, o
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -178,7 +180,25 @@ def load(abstract: Any, sources: Mapping[str, Source], *, quantize: str | Mappin
         else:
             out.append(_dense(source, like, sharding))
         _release(source)
+        _trim_heap()
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def _trim_heap() -> None:
+    """Hands freed heap memory back to the OS. glibc keeps the pages of freed chunks, and
+    between the long-lived arrays of loaded tensors they stay fragmented: without this the
+    peak grows by about half the size of the loaded model (measured; see the tests)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _release(source: Source) -> None:
