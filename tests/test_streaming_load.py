@@ -118,6 +118,10 @@ def test_bad_checkpoints_name_the_tensor(tmp_path):
     with pytest.raises(ValueError, match=r"params/layers_0/mlp/\w+_proj/kernel: the checkpoint "
                                          r"holds shape"):
         L.from_safetensors(tmp_path, wrong, quantize="nf4")
+    file = os.path.join(tmp_path, "model-00001-of-00001.safetensors")
+    os.truncate(file, os.path.getsize(file) - 100)
+    with pytest.raises(ValueError, match="model-00001-of-00001.safetensors is truncated"):
+        L.from_safetensors(tmp_path, quantize="nf4")
     w = np.full((CFG.d, CFG.d), np.nan, np.float32)
     src = {"params/q/kernel": streaming.Array(w)}
     abstract = {"params": {"q": {"kernel": jax.ShapeDtypeStruct(w.shape, jnp.float32)}}}

@@ -94,8 +94,12 @@ class TensorFiles:
                 if info["dtype"] not in DTYPES:
                     raise ValueError(f"{file}: tensor {name!r} has dtype {info['dtype']}, "
                                      f"expected one of {', '.join(DTYPES)}")
-                self._index[name] = (file, DTYPES[info["dtype"]], tuple(info["shape"]),
-                                     8 + n + int(info["data_offsets"][0]))
+                dtype, shape = DTYPES[info["dtype"]], tuple(info["shape"])
+                start, stop = (int(o) for o in info["data_offsets"])
+                if stop - start != math.prod(shape) * dtype.itemsize:
+                    raise ValueError(f"{file}: tensor {name!r} of shape {shape} ({info['dtype']}) "
+                                     f"has {stop - start} bytes of data (damaged header?)")
+                self._index[name] = (file, dtype, shape, 8 + n + start)
 
     def keys(self) -> list[str]:
         """Tensor names, in file order."""
