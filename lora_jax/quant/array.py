@@ -1,7 +1,7 @@
 """The :class:`QuantizedArray` leaf: packed codes plus per-block scales, a base-leaf kind.
 
 It implements :class:`lora_jax.protocols.BaseLeaf` (dequantize, requantize, unstack_leading,
-storage_specs, major_axis, nbytes) and registers itself with
+storage_specs, major_axis, nbytes, streamed) and registers itself with
 :func:`lora_jax.protocols.register_base_leaf`, so the rest of the library treats it as one
 parameter without importing it. :data:`FORMATS` and :data:`STORAGES` are the values its
 ``format`` and ``storage`` fields take.
