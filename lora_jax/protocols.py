@@ -65,6 +65,12 @@ class BaseLeaf(Protocol):
     @property
     def major_axis(self) -> int: ...  # the logical axis that shards without communication
 
+    def streamed(self, read: Any, *, path: str = "<array>", shardings: Any = None) -> BaseLeaf:
+        """This abstract leaf (arrays as ``ShapeDtypeStruct``) filled in from ``read(start,
+        stop)``, the values in storage order, a part at a time (loading without the dense
+        weight; ``shardings``: a ``NamedSharding`` per stored array, only local shards read)."""
+        ...
+
 
 @runtime_checkable
 class LowRankLeaf(Protocol):

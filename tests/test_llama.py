@@ -447,3 +447,22 @@ def test_smollm2_peft_adapter_on_all_projections_with_builtin_map(smollm2, tmp_p
     assert len(cfg_json["target_modules"]) == 7 * cfg.layers
     back = peft.load(tmp_path, v, name_map="llama")
     assert set(lora_jax.lora.leaves(back)) == set(lora_jax.lora.leaves(lora))
+
+
+def test_remat_same_params_logits_and_grads():
+    cfg = L.LlamaConfig(**{**TINY.__dict__, "remat": True})
+    v = random_variables(TINY, 7)
+    assert jax.tree.structure(jax.eval_shape(L.Llama(cfg).init, jax.random.key(0),
+                                             jnp.zeros((1, 4), jnp.int32))) == \
+        jax.tree.structure(v)
+    tokens = jnp.asarray(np.random.default_rng(8).integers(0, TINY.vocab, (2, 7)))
+    jaxpr = str(jax.make_jaxpr(L.Llama(cfg).apply)(v, tokens))
+    assert jaxpr.count("remat") == TINY.layers  # one remat per block
+
+    def loss(c):
+        return jax.jit(jax.value_and_grad(
+            lambda p: L.loss_fn(L.Llama(c).apply(p, tokens), tokens)))(v)
+
+    (a, ga), (b, gb) = loss(TINY), loss(cfg)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), ga, gb)

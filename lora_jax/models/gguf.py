@@ -45,9 +45,11 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.models import streaming
 from lora_jax.models.llama import LlamaConfig
 
 # ggml_type ids (ggml.h) -> (name, values per block, bytes per block)
@@ -335,20 +337,25 @@ def llama_config(meta: Mapping[str, Any], has_output: bool = False, **overrides)
     return LlamaConfig(**fields)
 
 
-def _kernel(w: np.ndarray, dtype) -> jnp.ndarray:
-    return jnp.asarray(w.T, dtype)  # (out, in) weight -> Flax (in, out) kernel
-
-
-def load_llama(source: str | os.PathLike | GGUFFile, dtype: Any = jnp.float32,
+def load_llama(source: str | os.PathLike | GGUFFile, dtype: Any = jnp.float32, *,
+               quantize: str | Mapping | None = None, mesh: Any = None, specs: Any = None,
                **config_overrides) -> tuple[LlamaConfig, dict]:
     """Loads a llama-architecture GGUF as ``(config, variables)`` for :class:`Llama`.
 
     Quantized tensors are dequantized to ``dtype``; q/k rows are put back in Hugging Face's
-    ``rotate_half`` order.
+    ``rotate_half`` order. Tensors are decoded one at a time (see
+    :mod:`lora_jax.models.streaming`): with ``quantize`` each is quantized as soon as it is
+    decoded, so the model is never held at full precision. A GGUF block format is decoded a
+    whole tensor at a time, also on a mesh (each process then decodes every tensor it holds a
+    slice of, and keeps only its slices).
 
     Args:
       source: a path or a :class:`GGUFFile` from :func:`read`.
       dtype: parameter dtype.
+      quantize: None, a format (``"nf4"``...) or a dict of :func:`lora_jax.quantize`
+        arguments with ``"format"``; equals ``lora_jax.quantize`` of the dense load.
+      mesh, specs: place the parameters on a mesh while loading (as
+        :func:`lora_jax.models.llama.from_safetensors`).
       **config_overrides: passed to :func:`llama_config` (e.g. ``dtype="bfloat16"`` for compute).
 
     Returns:
@@ -365,48 +372,58 @@ def load_llama(source: str | os.PathLike | GGUFFile, dtype: Any = jnp.float32,
                          "has") from None
     except ValueError as e:
         raise ValueError(f"{g.path}: {e}") from None
-    t = g.tensor
     hd = cast(int, cfg.head_dim)  # never None: LlamaConfig.__post_init__ fills it in
 
-    def checked(name, shape):
+    def tensor(name: str, shape: tuple[int, ...], kernel: bool = False,
+               heads: int | None = None) -> streaming.Source:
+        """A lazily decoded tensor, its shape checked against the metadata now."""
         if name not in g.tensors:
             raise ValueError(f"{g.path}: no tensor {name!r}, which a llama GGUF of this "
                              "metadata has")
-        w = t(name)
-        if w.shape != shape:
-            raise ValueError(f"{g.path}: {name} has shape {w.shape}, expected {shape} from the "
-                             "metadata")
-        return w
+        if g.tensors[name][1] != shape:
+            raise ValueError(f"{g.path}: {name} has shape {g.tensors[name][1]}, expected "
+                             f"{shape} from the metadata")
 
-    p: dict[str, Any] = {"embed_tokens": {"embedding": jnp.asarray(
-        checked("token_embd.weight", (cfg.vocab, cfg.d)), dtype)}}
+        def decode() -> np.ndarray:
+            w = g.tensor(name)
+            return w if heads is None else unpermute_qk(w, heads)
+
+        src: streaming.Source = streaming.Computed(shape, decode)
+        # (out, in) weight -> Flax (in, out) kernel
+        return streaming.Transposed(src, (1, 0)) if kernel else src
+
+    p = {"embed_tokens/embedding": tensor("token_embd.weight", (cfg.vocab, cfg.d))}
     for i in range(cfg.layers):
-        b = f"blk.{i}."
-        q = unpermute_qk(checked(b + "attn_q.weight", (cfg.heads * hd, cfg.d)), cfg.heads)
-        k = unpermute_qk(checked(b + "attn_k.weight", (cfg.kv_heads * hd, cfg.d)), cfg.kv_heads)
-        p[f"layers_{i}"] = {
-            "input_layernorm": {"scale": jnp.asarray(checked(b + "attn_norm.weight", (cfg.d,)),
-                                                     dtype)},
-            "self_attn": {
-                "q_proj": {"kernel": _kernel(q, dtype)},
-                "k_proj": {"kernel": _kernel(k, dtype)},
-                "v_proj": {"kernel": _kernel(
-                    checked(b + "attn_v.weight", (cfg.kv_heads * hd, cfg.d)), dtype)},
-                "o_proj": {"kernel": _kernel(
-                    checked(b + "attn_output.weight", (cfg.d, cfg.heads * hd)), dtype)},
-            },
-            "post_attention_layernorm": {"scale": jnp.asarray(
-                checked(b + "ffn_norm.weight", (cfg.d,)), dtype)},
-            "mlp": {
-                "gate_proj": {"kernel": _kernel(checked(b + "ffn_gate.weight", (cfg.ffn, cfg.d)),
-                                                dtype)},
-                "up_proj": {"kernel": _kernel(checked(b + "ffn_up.weight", (cfg.ffn, cfg.d)),
-                                              dtype)},
-                "down_proj": {"kernel": _kernel(checked(b + "ffn_down.weight", (cfg.d, cfg.ffn)),
-                                                dtype)},
-            },
+        b, f = f"blk.{i}.", f"layers_{i}/"
+        p |= {
+            f + "input_layernorm/scale": tensor(b + "attn_norm.weight", (cfg.d,)),
+            f + "self_attn/q_proj/kernel": tensor(b + "attn_q.weight", (cfg.heads * hd, cfg.d),
+                                                  True, cfg.heads),
+            f + "self_attn/k_proj/kernel": tensor(b + "attn_k.weight",
+                                                  (cfg.kv_heads * hd, cfg.d), True, cfg.kv_heads),
+            f + "self_attn/v_proj/kernel": tensor(b + "attn_v.weight",
+                                                  (cfg.kv_heads * hd, cfg.d), True),
+            f + "self_attn/o_proj/kernel": tensor(b + "attn_output.weight",
+                                                  (cfg.d, cfg.heads * hd), True),
+            f + "post_attention_layernorm/scale": tensor(b + "ffn_norm.weight", (cfg.d,)),
+            f + "mlp/gate_proj/kernel": tensor(b + "ffn_gate.weight", (cfg.ffn, cfg.d), True),
+            f + "mlp/up_proj/kernel": tensor(b + "ffn_up.weight", (cfg.ffn, cfg.d), True),
+            f + "mlp/down_proj/kernel": tensor(b + "ffn_down.weight", (cfg.d, cfg.ffn), True),
         }
-    p["norm"] = {"scale": jnp.asarray(checked("output_norm.weight", (cfg.d,)), dtype)}
+    p["norm/scale"] = tensor("output_norm.weight", (cfg.d,))
     if not cfg.tied:
-        p["lm_head"] = {"kernel": _kernel(checked("output.weight", (cfg.vocab, cfg.d)), dtype)}
-    return cfg, {"params": p}
+        p["lm_head/kernel"] = tensor("output.weight", (cfg.vocab, cfg.d), True)
+    abstract: dict[str, Any] = {}
+    for path, src in p.items():
+        node = abstract
+        *keys, last = path.split("/")
+        for k in keys:
+            node = node.setdefault(k, {})
+        node[last] = jax.ShapeDtypeStruct(src.shape, dtype)
+    sources = {"params/" + k: v for k, v in p.items()}
+    try:
+        variables = streaming.load({"params": abstract}, sources, quantize=quantize, mesh=mesh,
+                                   specs=specs)
+    except ValueError as e:
+        raise ValueError(f"{g.path}: {e}") from None
+    return cfg, variables

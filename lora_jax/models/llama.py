@@ -30,13 +30,16 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from typing import Any, NamedTuple, cast
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lora_jax.models import streaming
+from lora_jax.models.tensor_files import TensorFiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,8 @@ class LlamaConfig:
       max_len: longest sequence the cache holds by default [max_position_embeddings].
       tied: output head = embedding transposed [tie_word_embeddings].
       dtype: compute dtype ("float32", "bfloat16"); parameters stay as loaded.
+      remat: recompute each block's activations in the backward pass (``nn.remat``) instead
+        of storing them, as QLoRA trains big models; same parameters.
     """
 
     vocab: int = 49152
@@ -70,6 +75,7 @@ class LlamaConfig:
     max_len: int = 2048
     tied: bool = True
     dtype: str = "float32"
+    remat: bool = False
 
     def __post_init__(self):
         head_dim = self.d // self.heads if self.head_dim is None else self.head_dim
@@ -206,7 +212,10 @@ class Llama(nn.Module):
         ks, vs = [], []
         for i in range(cfg.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = Block(cfg, name=f"layers_{i}")(x, positions, kv, start)
+            if cfg.remat and cache is None:
+                x, kv = nn.remat(Block)(cfg, name=f"layers_{i}")(x, positions)
+            else:
+                x, kv = Block(cfg, name=f"layers_{i}")(x, positions, kv, start)
             if kv is not None:  # as cache is: the block returns the cache it was given
                 ks.append(kv[0])
                 vs.append(kv[1])
@@ -365,15 +374,30 @@ def hf_names(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
     return names
 
 
-def from_safetensors(path: str | os.PathLike, config: LlamaConfig | None = None,
-                     dtype: Any = jnp.float32) -> tuple[LlamaConfig, dict]:
+def from_safetensors(path: str | os.PathLike | TensorFiles, config: LlamaConfig | None = None,
+                     dtype: Any = jnp.float32, *, quantize: str | Mapping | None = None,
+                     mesh: jax.sharding.Mesh | None = None,
+                     specs: Any = None) -> tuple[LlamaConfig, dict]:
     """Loads a Hugging Face Llama checkpoint (``model*.safetensors``, bf16/f16/f32).
+
+    Tensors are read one at a time (see :mod:`lora_jax.models.streaming`): with ``quantize``
+    each weight is quantized as it is read, so the model is never held at full precision (peak
+    memory: the quantized model plus about one tensor); with ``mesh`` each process reads only
+    the slices its devices hold.
 
     Args:
       path: a ``.safetensors`` file, or a folder with one or more (sharded) files and, when
-        ``config`` is None, a ``config.json``.
+        ``config`` is None, a ``config.json``; or a :class:`TensorFiles` (which counts the
+        bytes read).
       config: the model's config; default read from the folder's ``config.json``.
-      dtype: parameter dtype.
+      dtype: parameter dtype (of the dense leaves, and the dtype quantized leaves
+        dequantize to; a bf16 checkpoint loads into bf16 without a float32 copy).
+      quantize: None, a format (``"nf4"``...) or a dict of :func:`lora_jax.quantize`
+        arguments with ``"format"``: the result equals ``lora_jax.quantize`` of the dense
+        load, codes and scales bit for bit.
+      mesh: place the parameters on this mesh while loading.
+      specs: base specs for ``mesh`` (paths ``"params/layers_0/..."``), or a function of the
+        abstract (quantized) tree returning them, e.g. ``lambda b: sharding.fsdp(b, mesh)``.
 
     Returns:
       ``(config, {"params": ...})``.
@@ -381,49 +405,39 @@ def from_safetensors(path: str | os.PathLike, config: LlamaConfig | None = None,
     Raises:
       ValueError: a tensor missing, unexpected, or of the wrong shape, by name.
     """
-    from safetensors import safe_open
-
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                       if f.endswith(".safetensors"))
-        if config is None:
-            config = config_from_hf(path)
-    else:
-        files = [path]
+    files = path if isinstance(path, TensorFiles) else TensorFiles(path)
+    folder = os.fspath(path) if not isinstance(path, TensorFiles) else \
+        os.path.dirname(files.files[0])
     if config is None:
-        raise ValueError(f"from_safetensors({path!r}): pass config= (no config.json beside it)")
+        if not os.path.isdir(folder) or not os.path.exists(os.path.join(folder, "config.json")):
+            raise ValueError(f"from_safetensors({folder!r}): pass config= (no config.json "
+                             "beside it)")
+        config = config_from_hf(folder)
     names = hf_names(config)
-    params: dict[str, Any] = {}
-    seen = set()
-    for file in files:
-        with safe_open(file, framework="flax") as f:
-            for name in f.keys():
-                if name not in names:
-                    if config.tied and name == "lm_head.weight":
-                        continue  # some tied checkpoints still store the head
-                    if name.endswith("rotary_emb.inv_freq"):
-                        continue
-                    raise ValueError(f"{file}: unexpected tensor {name!r} for {config}")
-                w = f.get_tensor(name)
-                where = names[name]
-                w = w.T if where[-1] == "kernel" else w
-                node = params
-                for key in where[:-1]:
-                    node = node.setdefault(key, {})
-                node[where[-1]] = jnp.asarray(w, dtype)
-                seen.add(name)
-    missing = sorted(set(names) - seen)
+    sources: dict[str, streaming.Source] = {}
+    for name in files.keys():
+        if name not in names:
+            if config.tied and name == "lm_head.weight":
+                continue  # some tied checkpoints still store the head
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            raise ValueError(f"{files.file(name)}: unexpected tensor {name!r} for {config}")
+        where = names[name]
+        src: streaming.Source = streaming.FileTensor(files, name)
+        if where[-1] == "kernel":  # a PyTorch (out, in) weight is a Flax (in, out) kernel
+            src = streaming.Transposed(src, (1, 0))
+        sources["/".join(("params",) + where)] = src
+    missing = sorted(n for n in names if n not in files)
     if missing:
         more = "..." if len(missing) > 5 else ""
-        raise ValueError(f"{path}: missing tensors {missing[:5]}{more}")
+        raise ValueError(f"{folder}: missing tensors {missing[:5]}{more}")
     expected = jax.eval_shape(Llama(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    for (kp, want), got in zip(jax.tree_util.tree_flatten_with_path(expected["params"])[0],
-                               jax.tree.leaves(params), strict=True):
-        if want.shape != got.shape:
-            raise ValueError(f"{path}: {jax.tree_util.keystr(kp)} has shape {got.shape}, "
-                             f"expected {want.shape}")
-    return config, {"params": params}
+    expected = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), expected)
+    try:
+        variables = streaming.load(expected, sources, quantize=quantize, mesh=mesh, specs=specs)
+    except ValueError as e:
+        raise ValueError(f"{folder}: {e}") from None
+    return config, variables
 
 
 def to_hf(variables: Any, cfg: LlamaConfig) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """The :class:`QuantizedArray` leaf: packed codes plus per-block scales, a base-leaf kind.
 
 It implements :class:`lora_jax.protocols.BaseLeaf` (dequantize, requantize, unstack_leading,
-storage_specs, major_axis, nbytes) and registers itself with
+storage_specs, major_axis, nbytes, streamed) and registers itself with
 :func:`lora_jax.protocols.register_base_leaf`, so the rest of the library treats it as one
 parameter without importing it. :data:`FORMATS` and :data:`STORAGES` are the values its
 ``format`` and ``storage`` fields take.
@@ -234,6 +234,14 @@ class QuantizedArray:
         return self.replace(codes=flat, absmax=flat,
                             absmax2=None if self.absmax2 is None else dq,
                             offset=None if self.offset is None else rep)
+
+    def streamed(self, read: Any, *, path: str = "<array>",
+                 shardings: QuantizedArray | None = None) -> QuantizedArray:
+        """This abstract array quantized from a reader of the values in storage order, a chunk
+        (or a local shard) at a time; see :func:`lora_jax.quant.on_load.quantize_streamed`."""
+        from lora_jax.quant.on_load import quantize_streamed  # on_load imports this module
+
+        return quantize_streamed(self, read, path=path, shardings=shardings)
 
     def __repr__(self) -> str:
         dq = ", double_quant" if self.double_quant else ""

@@ -162,6 +162,14 @@ def quantize_blocks(x, *, fmt, block_size, double_quant, storage):
     return codes, *_quantize_absmax(absmax), bad
 
 
+@jax.jit
+def quantize_absmax(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(codes, absmax2, offset)``: double quantization of all the block scales of a tensor,
+    for scales computed apart (by :func:`quantize_blocks` without ``double_quant``, a chunk or
+    a shard at a time); the same values as ``quantize_blocks(..., double_quant=True)``."""
+    return _quantize_absmax(absmax)
+
+
 @functools.partial(jax.jit, static_argnames=("shape", "fmt", "block_size", "dtype", "storage"))
 def dequantize_blocks(codes, absmax, absmax2, offset, zero, *, shape, fmt, block_size, dtype,
                       storage):
