@@ -5,13 +5,22 @@ Data, factors and error measures use NumPy where they can, and setup runs under 
 2-core CPU every eager jnp op of a new shape costs a compile, which would dominate runtimes.
 """
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
-from jax import lax
+import os
 
-import lora_jax
+# Compile fast: LLVM's optimisation of the generated CPU code (not XLA's HLO passes, which
+# decide FLOPs, fusion and buffers) costs more than it saves on these small test programs,
+# about a third of the suite's CPU time. Read when JAX starts its backend; subprocesses and
+# notebook kernels inherit it. The benchmarks run with XLA's defaults.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_backend_optimization_level=0").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from jax import lax  # noqa: E402
+
+import lora_jax  # noqa: E402
 
 BF16 = jnp.bfloat16
 
