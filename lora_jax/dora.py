@@ -32,13 +32,13 @@ from flax import struct
 from lora_jax import layouts as Lay
 from lora_jax import paths as P
 from lora_jax import protocols
-from lora_jax.leaves import LoraWeight, LowRankLeaf, from_leaves, leaves
+from lora_jax.leaves import AlphaScaled, LoraWeight, LowRankLeaf, from_leaves, leaves
 
 PyTree = Any
 
 
 @struct.dataclass
-class DoraWeight(LowRankLeaf):
+class DoraWeight(AlphaScaled, LowRankLeaf):
     """A DoRA adapter for one kernel: ``W' = m · (W0 + s·A·B) / ‖W0 + s·A·B‖`` per output unit.
 
     Attributes:
@@ -63,16 +63,6 @@ class DoraWeight(LowRankLeaf):
     peft_config: ClassVar[dict[str, Any]] = {"use_dora": True}
     field_roles: ClassVar[dict[str, str]] = {"a": "in", "b": "out", "m": "unit"}
 
-    def factors(self):
-        return self.a, self.b
-
-    @property
-    def scale(self) -> float:
-        r = self.a.shape[-1]
-        return self.alpha / math.sqrt(r) if self.rslora else self.alpha / r
-
-    def hparams(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "rslora": self.rslora}
 
     def check(self, where: str) -> None:
         super().check(where)

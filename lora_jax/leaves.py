@@ -191,8 +191,31 @@ class LowRankLeaf:
         return self.replace(stack_axes=self.stack_axes - 1, roles=self.roles[1:])
 
 
+class AlphaScaled:
+    """``factors``, ``scale`` and ``hparams`` of a leaf with fields ``a``, ``b``, ``alpha`` and
+    ``rslora``: the update is ``alpha/r · A·B`` (``alpha/√r`` with rsLoRA). LoRA and DoRA
+    share them; put it before :class:`LowRankLeaf` in the bases."""
+
+    if TYPE_CHECKING:  # the fields of the dataclass it is mixed into
+        a: jax.Array
+        b: jax.Array
+        alpha: float
+        rslora: bool
+
+    def factors(self) -> tuple[jax.Array, jax.Array]:
+        return self.a, self.b
+
+    @property
+    def scale(self) -> float:
+        r = self.a.shape[-1]
+        return self.alpha / math.sqrt(r) if self.rslora else self.alpha / r
+
+    def hparams(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "rslora": self.rslora}
+
+
 @struct.dataclass
-class LoraWeight(LowRankLeaf):
+class LoraWeight(AlphaScaled, LowRankLeaf):
     """A LoRA adapter for one kernel: ``delta = scale * tensordot(a, b, 1)``.
 
     Attributes:
@@ -218,16 +241,6 @@ class LoraWeight(LowRankLeaf):
 
     field_roles: ClassVar[dict[str, str]] = {"a": "in", "b": "out"}
 
-    def factors(self):
-        return self.a, self.b
-
-    @property
-    def scale(self) -> float:
-        r = self.a.shape[-1]
-        return self.alpha / math.sqrt(r) if self.rslora else self.alpha / r
-
-    def hparams(self) -> dict[str, Any]:
-        return {"alpha": self.alpha, "rslora": self.rslora}
 
 
 def is_lowrank(x: Any) -> bool:

@@ -5,7 +5,12 @@ Data, factors and error measures use NumPy where they can, and setup runs under 
 2-core CPU every eager jnp op of a new shape costs a compile, which would dominate runtimes.
 """
 
+import json
 import os
+import socket
+import subprocess
+import sys
+import time
 
 # Compile fast: LLVM's optimisation of the generated CPU code (not XLA's HLO passes, which
 # decide FLOPs, fusion and buffers) costs more than it saves on these small test programs,
@@ -14,6 +19,7 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_backend_optimization_level=0").strip()
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -223,3 +229,53 @@ def make_multi(names, dropout=0.0, r=3):
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (for a jax.distributed coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(argvs, env, tmp_path, timeout_s: float) -> list[dict]:
+    """Runs ``python *argv`` for each ``(argv, report_path)`` in ``argvs`` at once, stops them
+    all when one fails or ``timeout_s`` passes, asserts every exit code is 0 (with the tail
+    of each log), and returns the JSON reports the workers wrote."""
+    n = len(argvs)
+    logs = [open(tmp_path / f"proc{i}.log", "w+") for i in range(n)]
+    procs = [subprocess.Popen([sys.executable, *argv], env=env, stdout=logs[i],
+                              stderr=subprocess.STDOUT) for i, (argv, _) in enumerate(argvs)]
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs):
+                break  # one failed: do not wait for the others to time out
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    tails = []
+    for f in logs:
+        f.seek(0)
+        tails.append(f.read()[-3000:])
+        f.close()
+    codes = [p.returncode for p in procs]
+    assert codes == [0] * n, f"exit codes {codes}\n" + "\n----\n".join(tails)
+    reports = []
+    for _, out in argvs:
+        with open(out) as fh:
+            reports.append(json.load(fh))
+    return reports
+
+
+class PeftMLP(nn.Module):
+    """The PyTorch model behind ``tests/data/peft_*`` (see tests/data/README.md) in Flax:
+    fc1 Linear(32, 64), fc2 Linear(64, 48), out Linear(48, 10), exact (erf) GELU."""
+
+    @nn.compact
+    def __call__(self, x):
+        g = lambda h: jax.nn.gelu(h, approximate=False)  # noqa: E731  torch's exact GELU
+        return nn.Dense(10, name="out")(g(nn.Dense(48, name="fc2")(g(nn.Dense(64, name="fc1")(x)))))

@@ -5,11 +5,11 @@ and a quantized base, and round trips through PEFT files and orbax."""
 import functools
 import pathlib
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import PeftMLP as MLP
 from safetensors.numpy import load_file
 
 import lora_jax
@@ -17,13 +17,6 @@ from lora_jax import dora, peft
 
 DATA = pathlib.Path(__file__).parent / "data"
 MODULES = ("fc1", "fc2", "out")
-
-
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        g = lambda h: jax.nn.gelu(h, approximate=False)  # noqa: E731  torch's exact GELU
-        return nn.Dense(10, name="out")(g(nn.Dense(48, name="fc2")(g(nn.Dense(64, name="fc1")(x)))))
 
 
 @functools.lru_cache

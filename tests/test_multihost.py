@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 
@@ -89,49 +87,19 @@ def worker(process_id: int, port: int, out: str) -> None:
     jax.distributed.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_pair(tmp_path):
     sys.path.insert(0, HERE)
+    from conftest import free_port, run_workers
     from test_sharding import FAST_COMPILE
 
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip())
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(
         os.pathsep) if p])
-    port = _free_port()
+    port = free_port()
     outs = [str(tmp_path / f"proc{i}.json") for i in range(2)]
-    logs = [open(tmp_path / f"proc{i}.log", "w+") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", str(i),
-                               str(port), outs[i]], env=env, stdout=logs[i],
-                              stderr=subprocess.STDOUT) for i in range(2)]
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs):
-                break  # one failed: do not wait for the other to time out
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-    tails = []
-    for f in logs:
-        f.seek(0)
-        tails.append(f.read()[-3000:])
-        f.close()
-    codes = [p.returncode for p in procs]
-    assert codes == [0, 0], f"exit codes {codes}\n" + "\n----\n".join(tails)
-    reports = []
-    for o in outs:
-        with open(o) as fh:
-            reports.append(json.load(fh))
-    return reports
+    return run_workers([([os.path.abspath(__file__), "worker", str(i), str(port), outs[i]],
+                         outs[i]) for i in range(2)], env, tmp_path, TIMEOUT_S)
 
 
 def test_two_processes_agree_with_single_device(tmp_path):

@@ -12,11 +12,11 @@ import os
 import pathlib
 import shutil
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import PeftMLP as MLP
 from safetensors.numpy import load_file, save_file
 
 import lora_jax
@@ -26,15 +26,6 @@ from lora_jax.models.gpt import GPT, GPTConfig
 DATA = pathlib.Path(__file__).parent / "data"
 REF = DATA / "peft_mlp_lora"
 MODULES = ("fc1", "fc2", "out")
-
-
-class MLP(nn.Module):
-    """The reference torch model: fc1 Linear(32, 64), fc2 Linear(64, 48), out Linear(48, 10)."""
-
-    @nn.compact
-    def __call__(self, x):
-        g = lambda h: jax.nn.gelu(h, approximate=False)  # noqa: E731  torch's exact GELU
-        return nn.Dense(10, name="out")(g(nn.Dense(48, name="fc2")(g(nn.Dense(64, name="fc1")(x)))))
 
 
 @functools.lru_cache

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
     import jax
@@ -249,45 +247,17 @@ def worker(mode: str, out: str, port: int = 0, process_id: int = 0) -> None:
         jax.distributed.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(tmp_path, mode: str) -> list[dict]:
+    from conftest import free_port, run_workers
+
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE] + [p for p in env.get(
         "PYTHONPATH", "").split(os.pathsep) if p])
     n = 2 if mode == "pair" else 1
-    port = str(_free_port())
+    port = str(free_port())
     outs = [str(tmp_path / f"proc{i}.json") for i in range(n)]
-    logs = [open(tmp_path / f"proc{i}.log", "w+") for i in range(n)]
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", mode,
-                               outs[i], port, str(i)], env=env, stdout=logs[i],
-                              stderr=subprocess.STDOUT) for i in range(n)]
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs):
-                break
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-    tails = []
-    for f in logs:
-        f.seek(0)
-        tails.append(f.read()[-3000:])
-        f.close()
-    assert [p.returncode for p in procs] == [0] * n, "\n----\n".join(tails)
-    reports = []
-    for o in outs:
-        with open(o) as fh:
-            reports.append(json.load(fh))
-    return reports
+    return run_workers([([os.path.abspath(__file__), "worker", mode, outs[i], port, str(i)],
+                         outs[i]) for i in range(n)], env, tmp_path, TIMEOUT_S)
 
 
 @pytest.mark.parametrize("mode", ["single", "pair"])
