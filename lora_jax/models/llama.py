@@ -5,8 +5,9 @@ blocks of RMSNorm, grouped-query attention with rotary embeddings in the ``rotat
 convention and a causal mask, and a SwiGLU MLP; a final RMSNorm and an output head tied to the
 embedding or separate. Parameter names mirror Hugging Face's (``layers_3/self_attn/q_proj``,
 ``mlp/gate_proj``, ``input_layernorm``...), so LoRA targets read like PEFT's
-(``r".*(q_proj|v_proj)/kernel"``). Dense layers have no biases. Parameters are float32 by
-default; ``LlamaConfig.dtype`` sets the compute dtype.
+(``r".*(q_proj|v_proj)/kernel"``). Dense layers have biases only with ``attention_bias`` /
+``mlp_bias``; the MLP's activation and the RoPE variant (default, linear, llama3) follow the
+config. Parameters are float32 by default; ``LlamaConfig.dtype`` sets the compute dtype.
 
 ``model.apply(variables, tokens)`` returns logits; with ``cache=`` (a :class:`KVCache` from
 :func:`init_cache`) it returns ``(logits, cache)`` and attends to the cached keys too, which
@@ -29,8 +30,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
 import flax.linen as nn
@@ -40,6 +42,39 @@ import numpy as np
 
 from lora_jax.models import streaming
 from lora_jax.models.tensor_files import TensorFiles
+
+# hidden_act name (transformers ``ACT2FN``) -> the same function in JAX
+ACTIVATIONS: dict[str, Any] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # erf
+    "gelu_python": functools.partial(jax.nn.gelu, approximate=False),
+    # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); gelu_fast writes sqrt(2/pi) as 0.7978845608
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_python_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+# rope_type -> the LlamaConfig.rope_* fields it needs (transformers ``modeling_rope_utils``)
+ROPE_TYPES: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("rope_factor",),
+    "llama3": ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+               "rope_original_max_len"),
+}
+_ROPE_FIELDS = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                "rope_original_max_len")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and \
+        not isinstance(value, (bool, np.bool_))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +88,7 @@ class LlamaConfig:
       heads: query heads [num_attention_heads].
       kv_heads: key/value heads, dividing ``heads`` [num_key_value_heads].
       ffn: MLP width [intermediate_size].
-      head_dim: per-head width; default ``d // heads``.
+      head_dim: per-head width; default ``d // heads`` [head_dim].
       rope_theta: rotary base [rope_theta].
       rms_eps: RMSNorm epsilon [rms_norm_eps].
       max_len: longest sequence the cache holds by default [max_position_embeddings].
@@ -61,6 +96,18 @@ class LlamaConfig:
       dtype: compute dtype ("float32", "bfloat16"); parameters stay as loaded.
       remat: recompute each block's activations in the backward pass (``nn.remat``) instead
         of storing them, as QLoRA trains big models; same parameters.
+      activation: the MLP's gate activation, a key of :data:`ACTIVATIONS` [hidden_act].
+      attention_bias: q/k/v/o projections have biases [attention_bias].
+      mlp_bias: gate/up/down projections have biases [mlp_bias].
+      rope_type: "default", "linear" or "llama3" [rope_parameters.rope_type].
+      rope_factor: frequency divisor of "linear" and "llama3" [factor].
+      rope_low_freq_factor, rope_high_freq_factor: "llama3" band edges [low_freq_factor,
+        high_freq_factor].
+      rope_original_max_len: "llama3" pretraining length [original_max_position_embeddings];
+        default ``max_len``.
+
+    The ``rope_*`` parameters are None unless ``rope_type`` uses them (setting one it does not
+    use is an error: it would be silently ignored).
     """
 
     vocab: int = 49152
@@ -76,20 +123,101 @@ class LlamaConfig:
     tied: bool = True
     dtype: str = "float32"
     remat: bool = False
+    activation: str = "silu"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    rope_type: str = "default"
+    rope_factor: float | None = None
+    rope_low_freq_factor: float | None = None
+    rope_high_freq_factor: float | None = None
+    rope_original_max_len: int | None = None
 
     def __post_init__(self):
-        head_dim = self.d // self.heads if self.head_dim is None else self.head_dim
+        def fail(msg):
+            raise ValueError(f"LlamaConfig: {msg}")
+
+        for name in ("vocab", "d", "layers", "heads", "kv_heads", "ffn", "max_len"):
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                fail(f"{name}={value!r} must be a positive int")
         if self.head_dim is None:
-            object.__setattr__(self, "head_dim", head_dim)
+            if self.d % self.heads:
+                fail(f"d={self.d} is not a multiple of heads={self.heads}: give head_dim")
+            object.__setattr__(self, "head_dim", self.d // self.heads)
+        elif not _is_int(self.head_dim) or self.head_dim <= 0:
+            fail(f"head_dim={self.head_dim!r} must be a positive int")
         if self.heads % self.kv_heads:
-            raise ValueError(f"LlamaConfig: heads={self.heads} is not a multiple of "
-                             f"kv_heads={self.kv_heads}")
-        if head_dim % 2:
-            raise ValueError(f"LlamaConfig: head_dim={self.head_dim} must be even for RoPE")
+            fail(f"heads={self.heads} is not a multiple of kv_heads={self.kv_heads}")
+        if cast(int, self.head_dim) % 2:
+            fail(f"head_dim={self.head_dim} must be even for RoPE")
+        for name in ("rms_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value <= 0:
+                fail(f"{name}={value!r} must be a finite number > 0")
+        for name in ("tied", "remat", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                fail(f"{name}={getattr(self, name)!r} must be a bool")
+        try:
+            floating = jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            fail(f"dtype={self.dtype!r} must be a floating dtype (float32, bfloat16, float16)")
+        if self.activation not in ACTIVATIONS:
+            fail(f"activation={self.activation!r} is not supported; supported: "
+                 f"{sorted(ACTIVATIONS)}")
+        self._check_rope()
+
+    def _check_rope(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"LlamaConfig: rope_type={self.rope_type!r} is not supported; "
+                             f"supported: {sorted(ROPE_TYPES)}")
+        needed = ROPE_TYPES[self.rope_type]
+        if self.rope_type == "llama3" and self.rope_original_max_len is None:
+            object.__setattr__(self, "rope_original_max_len", self.max_len)
+        for name in _ROPE_FIELDS:
+            value = getattr(self, name)
+            if name not in needed:
+                if value is not None:
+                    raise ValueError(f"LlamaConfig: {name}={value!r} has no effect with "
+                                     f"rope_type={self.rope_type!r} (needs {list(needed)})")
+                continue
+            is_len = name == "rope_original_max_len"
+            if value is None or not (_is_int(value) if is_len else _is_number(value)) \
+                    or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"LlamaConfig: rope_type={self.rope_type!r} needs {name} > 0 "
+                                 f"({'an int' if is_len else 'finite'}), got {value!r}")
+        if self.rope_type == "llama3" and not (
+                cast(float, self.rope_high_freq_factor) > cast(float, self.rope_low_freq_factor)):
+            raise ValueError(
+                f"LlamaConfig: rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                f"rope_low_freq_factor={self.rope_low_freq_factor}")
 
     def to_hf(self) -> dict:
         """This config as Hugging Face's ``config.json`` (see :func:`config_to_hf`)."""
         return config_to_hf(self)
+
+
+def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
+    """The (head_dim/2,) float32 rotary inverse frequencies, as transformers'
+    ``modeling_rope_utils`` computes them for ``cfg.rope_type``."""
+    hd = cast(int, cfg.head_dim)
+    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    if cfg.rope_type == "linear":
+        inv_freq = inv_freq / cast(float, cfg.rope_factor)
+    elif cfg.rope_type == "llama3":
+        factor = cast(float, cfg.rope_factor)
+        low, high = cast(float, cfg.rope_low_freq_factor), cast(float, cfg.rope_high_freq_factor)
+        old_len = cast(int, cfg.rope_original_max_len)
+        wavelen = 2 * math.pi / inv_freq
+        # long wavelengths (> old_len / low) are divided by factor, short ones (< old_len / high)
+        # kept, and the band between interpolated smoothly
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
 
 
 class KVCache(NamedTuple):
@@ -113,17 +241,20 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int | None = None) -> KVCa
     return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0,
+         inv_freq: jax.typing.ArrayLike | None = None) -> jax.Array:
     """Rotary embedding, Hugging Face ``apply_rotary_pos_emb``: x[i] pairs with x[i + d/2].
 
     Args:
       x: (batch, time, heads, head_dim).
       positions: (time,) int positions.
-      theta: the rotary base.
+      theta: the rotary base (plain RoPE), unless ``inv_freq`` is given.
+      inv_freq: (head_dim/2,) inverse frequencies (:func:`rope_frequencies`).
     """
     hd = x.shape[-1]
-    inv_freq = 1.0 / theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq  # (t, hd/2)
+    if inv_freq is None:
+        inv_freq = 1.0 / theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)
     emb = jnp.concatenate([freqs, freqs], axis=-1)[None, :, None, :]
     cos, sin = jnp.cos(emb), jnp.sin(emb)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -141,11 +272,13 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         hd = cast(int, cfg.head_dim)  # never None: LlamaConfig.__post_init__ fills it in
         kvh, g = cfg.kv_heads, cfg.heads // cfg.kv_heads
-        dense = lambda n, f: nn.Dense(f, use_bias=False, dtype=dt, name=n)  # noqa: E731
+        dense = lambda n, f: nn.Dense(  # noqa: E731
+            f, use_bias=cfg.attention_bias, dtype=dt, name=n)
         q = dense("q_proj", cfg.heads * hd)(x).reshape(b, t, cfg.heads, hd)
         k = dense("k_proj", kvh * hd)(x).reshape(b, t, kvh, hd)
         v = dense("v_proj", kvh * hd)(x).reshape(b, t, kvh, hd)
-        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        inv_freq = rope_frequencies(cfg)
+        q, k = rope(q, positions, inv_freq=inv_freq), rope(k, positions, inv_freq=inv_freq)
         if cache_kv is None:
             key_pos = positions
         else:
@@ -172,9 +305,11 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        dense = lambda n, f: nn.Dense(f, use_bias=False, dtype=cfg.dtype, name=n)  # noqa: E731
+        dense = lambda n, f: nn.Dense(  # noqa: E731
+            f, use_bias=cfg.mlp_bias, dtype=cfg.dtype, name=n)
+        act = ACTIVATIONS[cfg.activation]
         return dense("down_proj", cfg.d)(
-            nn.silu(dense("gate_proj", cfg.ffn)(x)) * dense("up_proj", cfg.ffn)(x))
+            act(dense("gate_proj", cfg.ffn)(x)) * dense("up_proj", cfg.ffn)(x))
 
 
 class Block(nn.Module):
@@ -312,48 +447,243 @@ def generate(model: Llama, variables: Any, tokens: jax.typing.ArrayLike, n: int,
 # --------------------------------------------------------------------------- Hugging Face
 
 
-def config_from_hf(config: dict | str | os.PathLike, **overrides) -> LlamaConfig:
+# config.json keys that do not change the model's outputs: read by nothing here
+HF_KEYS_WITHOUT_MATH = frozenset({
+    "architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path",
+    "name_or_path", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
+    "decoder_start_token_id", "use_cache", "initializer_range", "output_attentions",
+    "output_hidden_states", "return_dict", "use_return_dict", "torchscript",
+    "_attn_implementation", "attn_implementation", "_attn_implementation_autoset",
+    "tokenizer_class", "prefix", "task_specific_params", "finetuning_task", "id2label",
+    "label2id", "num_labels", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder",
+    # generation settings (transformers 4 kept them in config.json); logits do not depend on them
+    "max_length", "min_length", "do_sample", "temperature", "top_k", "top_p", "num_beams",
+    "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "num_return_sequences",
+    "early_stopping", "typical_p", "forced_bos_token_id", "forced_eos_token_id",
+})
+# keys that change the math unless they hold one of these values (refused otherwise)
+HF_KEYS_AT_DEFAULT: dict[str, tuple[Any, ...]] = {
+    "pretraining_tp": (1, None),
+    "attention_dropout": (0, 0.0, None),
+    "sliding_window": (None,),
+    "use_sliding_window": (False, None),
+    "partial_rotary_factor": (1, 1.0, None),
+    "pruned_heads": ({}, None),
+    "add_cross_attention": (False, None),
+    "is_decoder": (False, None),
+    "tie_encoder_decoder": (False, None),
+}
+# keys :func:`config_from_hf` reads and honours
+HF_KEYS_READ = frozenset({
+    "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "intermediate_size", "head_dim", "rope_theta", "rope_scaling",
+    "rope_parameters", "original_max_position_embeddings", "rms_norm_eps",
+    "max_position_embeddings", "tie_word_embeddings", "hidden_act", "attention_bias", "mlp_bias",
+})
+# rope_type -> keys its rope_parameters / rope_scaling dict may hold, and the LlamaConfig field
+_HF_ROPE_KEYS: dict[str, dict[str, str]] = {
+    "default": {},
+    "linear": {"factor": "rope_factor"},
+    "llama3": {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+               "high_freq_factor": "rope_high_freq_factor",
+               "original_max_position_embeddings": "rope_original_max_len"},
+}
+_HF_ROPE_COMMON = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
+
+
+def _hf_rope(config: dict, where: str) -> dict[str, Any]:
+    """The LlamaConfig ``rope_*`` fields of an HF config (transformers 4 or 5 spelling)."""
+    scaling, params = config.get("rope_scaling"), config.get("rope_parameters")
+    if scaling and params and scaling != params:
+        raise ValueError(f"{where}: rope_scaling={scaling!r} and rope_parameters={params!r} "
+                         "disagree; keep one")
+    key = "rope_scaling" if scaling else "rope_parameters"
+    rope = scaling or params or {}
+    if not isinstance(rope, dict):
+        raise ValueError(f"{where}: {key}={rope!r} must be a dict")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if "type" in rope and "rope_type" in rope and rope["type"] != rope["rope_type"]:
+        raise ValueError(f"{where}: {key} has type={rope['type']!r} and "
+                         f"rope_type={rope['rope_type']!r}")
+    if rope_type not in _HF_ROPE_KEYS:
+        raise ValueError(f"{where}: {key}['rope_type']={rope_type!r} is not supported; "
+                         f"supported: {sorted(_HF_ROPE_KEYS)}")
+    allowed = _HF_ROPE_KEYS[rope_type]
+    for name in rope:
+        if name not in allowed and name not in _HF_ROPE_COMMON:
+            raise ValueError(f"{where}: {key}[{name!r}] is not a parameter of rope_type "
+                             f"{rope_type!r} (it takes {sorted(allowed)}); lora_jax refuses "
+                             "keys it does not understand")
+    for source, value in (("partial_rotary_factor", config.get("partial_rotary_factor")),
+                          (f"{key}['partial_rotary_factor']", rope.get("partial_rotary_factor"))):
+        if value not in (None, 1, 1.0):
+            raise ValueError(f"{where}: {source}={value!r} (partial RoPE) is not implemented")
+    theta = rope.get("rope_theta")
+    top_theta = config.get("rope_theta")
+    if theta is not None and top_theta is not None and theta != top_theta:
+        raise ValueError(f"{where}: rope_theta={top_theta!r} and {key}['rope_theta']={theta!r} "
+                         "disagree")
+    theta = theta if theta is not None else top_theta
+    fields: dict[str, Any] = {"rope_type": rope_type,
+                              "rope_theta": 10000.0 if theta is None else theta}
+    for name, field in allowed.items():
+        if name in rope:
+            fields[field] = rope[name]
+    # transformers gives a top-level original_max_position_embeddings priority (Phi-3 style)
+    if "original_max_position_embeddings" in allowed and \
+            config.get("original_max_position_embeddings") is not None:
+        fields["rope_original_max_len"] = config["original_max_position_embeddings"]
+    for name, value in fields.items():
+        if name != "rope_type" and not _is_number(value):
+            raise ValueError(f"{where}: {key} {name}={value!r} must be a number")
+    if isinstance(fields["rope_theta"], int):
+        fields["rope_theta"] = float(fields["rope_theta"])
+    return fields
+
+
+def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
+    """Whether ``value`` equals one of ``neutral`` (numbers by value, others by type too)."""
+    for n in neutral:
+        if n is None or value is None:
+            if value is n:
+                return True
+        elif (type(value) is type(n) or (_is_number(value) and _is_number(n))) and value == n:
+            return True
+    return False
+
+
+def config_from_hf(config: dict | str | os.PathLike, *, ignore_keys: Sequence[str] = (),
+                   **overrides) -> LlamaConfig:
     """A :class:`LlamaConfig` from a Hugging Face ``config.json`` (a dict, file or folder).
 
+    Every key is honoured or refused: RoPE from ``rope_parameters`` (transformers 5) or
+    ``rope_theta``/``rope_scaling`` (transformers 4; ``type`` or ``rope_type``), types
+    ``default``, ``linear`` and ``llama3``; ``hidden_act`` (see :data:`ACTIVATIONS`);
+    ``attention_bias``/``mlp_bias``; ``head_dim``; ``tie_word_embeddings``. Keys known not to
+    change the outputs (:data:`HF_KEYS_WITHOUT_MATH`: token ids, ``dtype``, ``use_cache``...)
+    are skipped; keys of :data:`HF_KEYS_AT_DEFAULT` must hold their neutral value
+    (``pretraining_tp`` 1, ``attention_dropout`` 0, no ``sliding_window``...). Any other key is an
+    error, because a loader that skips a key it does not know can return plausible but wrong
+    logits.
+
+    Args:
+      config: the config dict, a ``config.json`` or its folder.
+      ignore_keys: keys to skip although they are unknown or not at their neutral value (e.g.
+        ``("attention_dropout",)`` for inference only); you vouch that they do not change the
+        outputs. Keys this function reads cannot be ignored: set the field in ``overrides``.
+      **overrides: :class:`LlamaConfig` fields to set (``dtype``, ``remat``...).
+
     Raises:
-      ValueError: RoPE scaling, which this model does not implement.
+      ValueError: a missing, malformed, unsupported or unknown key, by name.
     """
+    where = "config"
     if not isinstance(config, dict):
         path = os.fspath(config)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         with open(path) as f:
             config = json.load(f)
-    if config.get("rope_scaling"):
-        raise ValueError(f"rope_scaling={config['rope_scaling']!r} is not implemented")
-    heads = config["num_attention_heads"]
-    fields = dict(
-        vocab=config["vocab_size"], d=config["hidden_size"], layers=config["num_hidden_layers"],
-        heads=heads, kv_heads=config.get("num_key_value_heads") or heads,
-        ffn=config["intermediate_size"],
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-        rope_theta=float(config.get("rope_theta", 10000.0)),
-        rms_eps=float(config.get("rms_norm_eps", 1e-6)),
-        max_len=config.get("max_position_embeddings", 2048),
-        tied=bool(config.get("tie_word_embeddings", False)),
+        where = path
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    if isinstance(ignore_keys, str):
+        ignore_keys = (ignore_keys,)
+    read = sorted(HF_KEYS_READ.intersection(ignore_keys))
+    if read:
+        raise ValueError(f"config_from_hf: ignore_keys={read} are keys it reads and honours; "
+                         "pass LlamaConfig fields as overrides instead")
+    unknown = [k for k in config if k not in HF_KEYS_READ and k not in HF_KEYS_WITHOUT_MATH
+               and k not in HF_KEYS_AT_DEFAULT and k not in ignore_keys]
+    if unknown:
+        shown = ", ".join(f"{k}={config[k]!r}" for k in unknown)
+        raise ValueError(f"{where}: unknown config key(s) {shown}: lora_jax's Llama does not "
+                         "implement them and they may change the outputs; if you are sure they "
+                         f"do not, pass ignore_keys={tuple(unknown)!r}")
+    for key, neutral in HF_KEYS_AT_DEFAULT.items():
+        value = config.get(key)
+        if key in config and key not in ignore_keys and not _is_neutral(value, neutral):
+            raise ValueError(f"{where}: {key}={value!r} is not implemented (expected one of "
+                             f"{list(neutral)}); pass ignore_keys=({key!r},) if it does not "
+                             "apply to your use")
+    model_type = config.get("model_type", "llama")
+    if model_type != "llama":
+        raise ValueError(f"{where}: model_type={model_type!r}; this loader is for 'llama'")
+
+    def integer(key, default=None):
+        value = config.get(key)
+        if value is None:
+            if default is None:
+                raise ValueError(f"{where}: the required key {key!r} is missing")
+            return default
+        if not _is_int(value) or value <= 0:
+            raise ValueError(f"{where}: {key}={value!r} must be a positive int")
+        return int(value)
+
+    def number(key, default):
+        value = config.get(key, default)
+        if not _is_number(value) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{where}: {key}={value!r} must be a finite number > 0")
+        return float(value)
+
+    def boolean(key, default):
+        value = config.get(key, default)
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: {key}={value!r} must be true or false")
+        return value
+
+    d, heads = integer("hidden_size"), integer("num_attention_heads")
+    if config.get("head_dim") is None and d % heads:
+        raise ValueError(f"{where}: hidden_size={d} is not a multiple of "
+                         f"num_attention_heads={heads} and head_dim is not given")
+    kv_heads = integer("num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise ValueError(f"{where}: num_attention_heads={heads} is not a multiple of "
+                         f"num_key_value_heads={kv_heads}")
+    act = config.get("hidden_act", "silu")
+    if not isinstance(act, str) or act not in ACTIVATIONS:
+        raise ValueError(f"{where}: hidden_act={act!r} is not supported; supported: "
+                         f"{sorted(ACTIVATIONS)}")
+    fields: dict[str, Any] = dict(
+        vocab=integer("vocab_size"), d=d, layers=integer("num_hidden_layers"),
+        heads=heads, kv_heads=kv_heads, ffn=integer("intermediate_size"),
+        head_dim=integer("head_dim", d // heads),
+        rms_eps=number("rms_norm_eps", 1e-6),
+        max_len=integer("max_position_embeddings", 2048),
+        tied=boolean("tie_word_embeddings", False),
+        activation=act, attention_bias=boolean("attention_bias", False),
+        mlp_bias=boolean("mlp_bias", False),
     )
+    fields.update(_hf_rope(config, where))
     fields.update(overrides)
-    return LlamaConfig(**fields)
+    try:
+        return LlamaConfig(**fields)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def config_to_hf(cfg: LlamaConfig) -> dict:
     """The Hugging Face ``config.json`` of a :class:`LlamaConfig` (inverse of
-    :func:`config_from_hf`), for ``LlamaForCausalLM``."""
-    return {
+    :func:`config_from_hf`), for ``LlamaForCausalLM``.
+
+    RoPE is written as top-level ``rope_theta`` plus, for a scaled type, ``rope_scaling`` with
+    ``rope_type``: the spelling both transformers 4 (>= 4.43) and 5 read.
+    """
+    out: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": cfg.vocab, "hidden_size": cfg.d, "num_hidden_layers": cfg.layers,
         "num_attention_heads": cfg.heads, "num_key_value_heads": cfg.kv_heads,
         "intermediate_size": cfg.ffn, "head_dim": cfg.head_dim or cfg.d // cfg.heads,
         "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_eps,
         "max_position_embeddings": cfg.max_len, "tie_word_embeddings": cfg.tied,
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-        "torch_dtype": "float32",
+        "hidden_act": cfg.activation, "attention_bias": cfg.attention_bias,
+        "mlp_bias": cfg.mlp_bias, "torch_dtype": "float32",
     }
+    if cfg.rope_type != "default":
+        scaling: dict[str, Any] = {"rope_type": cfg.rope_type}
+        for name, field in _HF_ROPE_KEYS[cfg.rope_type].items():
+            scaling[name] = getattr(cfg, field)
+        out["rope_scaling"] = scaling
+    return out
 
 
 def hf_names(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
@@ -367,8 +697,12 @@ def hf_names(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
         names[h + "post_attention_layernorm.weight"] = (f, "post_attention_layernorm", "scale")
         for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
             names[h + f"self_attn.{n}.weight"] = (f, "self_attn", n, "kernel")
+            if cfg.attention_bias:
+                names[h + f"self_attn.{n}.bias"] = (f, "self_attn", n, "bias")
         for n in ("gate_proj", "up_proj", "down_proj"):
             names[h + f"mlp.{n}.weight"] = (f, "mlp", n, "kernel")
+            if cfg.mlp_bias:
+                names[h + f"mlp.{n}.bias"] = (f, "mlp", n, "bias")
     if not cfg.tied:
         names["lm_head.weight"] = ("lm_head", "kernel")
     return names
@@ -376,8 +710,8 @@ def hf_names(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
 
 def from_safetensors(path: str | os.PathLike | TensorFiles, config: LlamaConfig | None = None,
                      dtype: Any = jnp.float32, *, quantize: str | Mapping | None = None,
-                     mesh: jax.sharding.Mesh | None = None,
-                     specs: Any = None) -> tuple[LlamaConfig, dict]:
+                     mesh: jax.sharding.Mesh | None = None, specs: Any = None,
+                     ignore_keys: Sequence[str] = ()) -> tuple[LlamaConfig, dict]:
     """Loads a Hugging Face Llama checkpoint (``model*.safetensors``, bf16/f16/f32).
 
     Tensors are read one at a time (see :mod:`lora_jax.models.streaming`): with ``quantize``
@@ -398,13 +732,23 @@ def from_safetensors(path: str | os.PathLike | TensorFiles, config: LlamaConfig 
       mesh: place the parameters on this mesh while loading.
       specs: base specs for ``mesh`` (paths ``"params/layers_0/..."``), or a function of the
         abstract (quantized) tree returning them, e.g. ``lambda b: sharding.fsdp(b, mesh)``.
+      ignore_keys: ``config.json`` keys to skip (see :func:`config_from_hf`).
 
     Returns:
       ``(config, {"params": ...})``.
 
     Raises:
-      ValueError: a tensor missing, unexpected, or of the wrong shape, by name.
+      ValueError: a tensor missing, unexpected, or of the wrong shape, by name; a config key
+        this model does not implement (:func:`config_from_hf`); a non-floating ``dtype``; a
+        tied config whose checkpoint stores a different ``lm_head.weight``.
     """
+    try:
+        floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise ValueError(f"from_safetensors: dtype={dtype!r} is not a floating dtype "
+                         "(float32, bfloat16 or float16): the weights would be cast to it")
     files = path if isinstance(path, TensorFiles) else TensorFiles(path)
     folder = os.fspath(path) if not isinstance(path, TensorFiles) else \
         os.path.dirname(files.files[0])
@@ -412,13 +756,20 @@ def from_safetensors(path: str | os.PathLike | TensorFiles, config: LlamaConfig 
         if not os.path.isdir(folder) or not os.path.exists(os.path.join(folder, "config.json")):
             raise ValueError(f"from_safetensors({folder!r}): pass config= (no config.json "
                              "beside it)")
-        config = config_from_hf(folder)
+        config = config_from_hf(folder, ignore_keys=ignore_keys)
     names = hf_names(config)
     sources: dict[str, streaming.Source] = {}
     for name in files.keys():
         if name not in names:
             if config.tied and name == "lm_head.weight":
-                continue  # some tied checkpoints still store the head
+                # some tied checkpoints still store the head: it must be the embedding
+                head, emb = files.read(name), files.read("model.embed_tokens.weight") \
+                    if "model.embed_tokens.weight" in files else None
+                if emb is None or head.shape != emb.shape or not np.array_equal(head, emb):
+                    raise ValueError(f"{files.file(name)}: the config ties the output head to "
+                                     "the embedding (tie_word_embeddings) but lm_head.weight "
+                                     "differs from model.embed_tokens.weight")
+                continue
             if name.endswith("rotary_emb.inv_freq"):
                 continue
             raise ValueError(f"{files.file(name)}: unexpected tensor {name!r} for {config}")
