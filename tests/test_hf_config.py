@@ -218,11 +218,21 @@ def config(case="default", **changes):
     ({"sliding_window": 4096}, "sliding_window=4096"),
     ({"use_sliding_window": True}, "use_sliding_window=True"),
     ({"model_type": "mistral"}, "model_type='mistral'"),
+    ({"rope_interleaved": True}, "rope_interleaved=True"),
     ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
 ])
 def test_refuses_bad_or_unknown_keys(changes, message):
     with pytest.raises(ValueError, match=message):
         L.config_from_hf(config(**changes))
+
+
+def test_transformers4_era_keys_at_their_neutral_values_load():
+    """Keys real Llama / SmolLM2 config.json files carry, at values that change nothing."""
+    plain = L.config_from_hf(config())
+    legacy = config(rope_scaling=None, pretraining_tp=1, attention_dropout=0.0,
+                    torch_dtype="bfloat16", is_llama_config=True, rope_interleaved=False,
+                    sliding_window=None, use_sliding_window=False, _name_or_path="x")
+    assert L.config_from_hf(legacy) == plain
 
 
 def test_ignore_keys():
@@ -280,3 +290,135 @@ def test_llama_config_validates(fields, message):
     base = dict(vocab=16, d=16, layers=1, heads=2, kv_heads=1, ffn=16)
     with pytest.raises(ValueError, match=message):
         L.LlamaConfig(**{**base, **fields})
+
+
+# --------------------------------------------------------------------------- GGUF metadata
+
+
+def write_gguf(case, path, meta=None, drop=(), extra_tensors=None, block_count=None,
+               freqs=True):
+    """The case's transformers checkpoint as a float32 llama GGUF, written as llama.cpp's
+    converter writes one (q/k rows permuted, llama3 RoPE as a ``rope_freqs.weight`` tensor)."""
+    gguf = pytest.importorskip("gguf")
+    from lora_jax.models.gguf import permute_qk
+
+    folder = os.path.join(DATA, case)
+    hf = json.load(open(os.path.join(folder, "config.json")))
+    weights = load_file(os.path.join(folder, "model.safetensors"))
+    heads, kv_heads = hf["num_attention_heads"], hf["num_key_value_heads"]
+    tensors = {"token_embd.weight": weights["model.embed_tokens.weight"],
+               "output_norm.weight": weights["model.norm.weight"]}
+    if "lm_head.weight" in weights:
+        tensors["output.weight"] = weights["lm_head.weight"]
+    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(hf["num_hidden_layers"]):
+        for hf_name, name in names.items():
+            w = weights[f"model.layers.{i}.{hf_name}.weight"]
+            if name == "attn_q":
+                w = permute_qk(w, heads)
+            elif name == "attn_k":
+                w = permute_qk(w, kv_heads)
+            tensors[f"blk.{i}.{name}.weight"] = w
+    rope = hf["rope_parameters"]
+    head_dim = hf["head_dim"]
+    if rope["rope_type"] == "llama3" and freqs:
+        # convert_hf_to_gguf.py: LlamaModel's rope_freqs, one divisor per frequency
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old_len = rope["original_max_position_embeddings"]
+        factors = []
+        for freq in 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim):
+            wavelen = 2 * math.pi / freq
+            if wavelen < old_len / high:
+                factors.append(1.0)
+            elif wavelen > old_len / low:
+                factors.append(factor)
+            else:
+                smooth = (old_len / wavelen - low) / (high - low)
+                factors.append(1 / ((1 - smooth) / factor + smooth))
+        tensors["rope_freqs.weight"] = np.asarray(factors, np.float32)
+    tensors.update(extra_tensors or {})
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(hf["num_hidden_layers"] if block_count is None else block_count)
+    w.add_context_length(hf["max_position_embeddings"])
+    w.add_embedding_length(hf["hidden_size"])
+    w.add_feed_forward_length(hf["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(hf["rms_norm_eps"])
+    w.add_vocab_size(hf["vocab_size"])
+    if rope["rope_type"] == "linear":
+        w.add_string("llama.rope.scaling.type", "linear")
+        w.add_float32("llama.rope.scaling.factor", rope["factor"])
+    for key, value in (meta or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        else:
+            w.add_float32(key, value)
+    for name, x in tensors.items():
+        if name not in drop:
+            w.add_tensor(name, np.ascontiguousarray(x, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["default", "rope_theta_1e6", "rope_llama3", "rope_linear",
+                                  "untied"])
+def test_gguf_matches_transformers(case, tmp_path):
+    from lora_jax.models import gguf as G
+
+    cfg, variables = G.load_llama(write_gguf(case, tmp_path / "m.gguf"))
+    ids, want = reference(case)
+    assert rel_diff(logits_of(cfg, variables, ids), want) <= TOL, case
+    if case == "rope_llama3":
+        assert cfg.rope_freq_factors is not None
+        # without its rope_freqs.weight the same file misses by far
+        cfg, variables = G.load_llama(write_gguf(case, tmp_path / "plain.gguf", freqs=False))
+        assert rel_diff(logits_of(cfg, variables, ids), want) > 30 * TOL
+        with pytest.raises(ValueError, match="rope_freq_factors"):
+            L.config_to_hf(G.llama_config(G.read(tmp_path / "m.gguf").metadata,
+                                          rope_freq_factors=(1.0,) * 4))
+    if case == "rope_linear":
+        assert (cfg.rope_type, cfg.rope_factor) == ("linear", 4.0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"block_count": 0}, "llama.block_count=0"),
+    ({"block_count": 1}, r"llama.block_count=1 but the file has blk.N.\* tensors"),
+    ({"block_count": 3}, "llama.block_count=3"),
+    ({"meta": {"llama.expert_count": 4}}, "llama.expert_count=4"),
+    ({"meta": {"llama.rope.scaling.type": "yarn"}}, "llama.rope.scaling.type='yarn'"),
+    ({"meta": {"llama.attention.layer_norm_rms_epsilon": float("nan")}},
+     "llama.attention.layer_norm_rms_epsilon=nan"),
+    ({"meta": {"llama.attention.value_length": 4}}, "llama.attention.value_length=4"),
+    ({"meta": {"llama.logit_scale": 0.5}}, "llama.logit_scale=0.5"),
+    ({"extra_tensors": {"blk.0.attn_q.bias": np.ones(32, np.float32)}}, "blk.0.attn_q.bias"),
+])
+def test_gguf_refuses_and_names(kwargs, message, tmp_path):
+    from lora_jax.models import gguf as G
+
+    path = write_gguf("default", tmp_path / "m.gguf", **kwargs)
+    with pytest.raises(ValueError, match=message):
+        G.load_llama(path)
+
+
+def test_gguf_rope_dimension_count_must_be_head_dim():
+    from lora_jax.models import gguf as G
+
+    meta = {"general.architecture": "llama", "llama.block_count": 2,
+            "llama.embedding_length": 32, "llama.feed_forward_length": 48,
+            "llama.attention.head_count": 4, "llama.attention.layer_norm_rms_epsilon": 1e-5,
+            "llama.vocab_size": 64}
+    assert G.llama_config(meta).head_dim == 8
+    with pytest.raises(ValueError, match="llama.rope.dimension_count=4 differs"):
+        G.llama_config({**meta, "llama.rope.dimension_count": 4})
+    assert G.llama_config({**meta, "llama.attention.key_length": 16}).head_dim == 16

@@ -303,8 +303,30 @@ def smollm2_path() -> str:
 # --------------------------------------------------------------------------- Llama
 
 
+# llama.* metadata keys llama_config reads and honours (others that could change the math
+# are refused; keys outside llama.* -- general.*, tokenizer.*, split.* -- do not)
+GGUF_LLAMA_KEYS_READ = frozenset({
+    "llama.block_count", "llama.context_length", "llama.embedding_length",
+    "llama.feed_forward_length", "llama.attention.head_count", "llama.attention.head_count_kv",
+    "llama.attention.layer_norm_rms_epsilon", "llama.vocab_size", "llama.rope.freq_base",
+    "llama.rope.dimension_count", "llama.rope.scaling.type", "llama.rope.scaling.factor",
+    "llama.attention.key_length", "llama.attention.value_length", "llama.expert_count",
+    "llama.expert_used_count",
+})
+# llama.* keys without effect on the outputs (the pretraining length of a scaled RoPE, flags)
+GGUF_LLAMA_KEYS_WITHOUT_MATH = frozenset({
+    "llama.rope.scaling.original_context_length", "llama.rope.scaling.finetuned",
+})
+
+
 def llama_config(meta: Mapping[str, Any], has_output: bool = False, **overrides) -> LlamaConfig:
     """A :class:`LlamaConfig` from llama.cpp metadata keys (``llama.block_count`` etc.).
+
+    Every ``llama.*`` key is honoured or refused: ``rope.freq_base``, ``rope.scaling.type``
+    ``linear`` with ``rope.scaling.factor``; ``rope.dimension_count`` and
+    ``attention.key_length``/``value_length`` must equal the head width; ``expert_count`` must
+    be 0; unknown ``llama.*`` keys are errors. A ``rope_freqs.weight`` tensor (llama3-style
+    frequency factors) is read by :func:`load_llama`, not here.
 
     Args:
       meta: the file's metadata.
@@ -312,26 +334,75 @@ def llama_config(meta: Mapping[str, Any], has_output: bool = False, **overrides)
       **overrides: LlamaConfig fields to set (``dtype``, ``max_len``...).
 
     Raises:
-      ValueError: not a llama-architecture file, or RoPE scaling this model does not implement.
+      ValueError: not a llama-architecture file; a missing, malformed or unsupported key, by
+        name.
     """
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"expected a llama GGUF, got general.architecture={arch!r}")
+    unknown = sorted(k for k in meta if k.startswith("llama.") and k not in GGUF_LLAMA_KEYS_READ
+                     and k not in GGUF_LLAMA_KEYS_WITHOUT_MATH)
+    if unknown:
+        shown = ", ".join(f"{k}={meta[k]!r}" for k in unknown)
+        raise ValueError(f"metadata {shown}: not implemented by lora_jax's Llama (it may change "
+                         "the outputs)")
+
+    def integer(key: str, default: int | None = None, minimum: int = 1) -> int:
+        value = meta.get(key, default)
+        if value is None:
+            raise KeyError(key)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+                or value < minimum:
+            raise ValueError(f"{key}={value!r} must be an int >= {minimum}")
+        return int(value)
+
+    def number(key: str, default: float | None = None) -> float:
+        value = meta.get(key, default)
+        if value is None:
+            raise KeyError(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+                or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{key}={value!r} must be a finite number > 0")
+        return float(value)
+
+    for key in ("llama.expert_count", "llama.expert_used_count"):
+        if integer(key, 0, minimum=0):
+            raise ValueError(f"{key}={meta[key]!r}: mixture-of-experts models are not "
+                             "implemented")
+    d = integer("llama.embedding_length")
+    heads = integer("llama.attention.head_count")
+    if "llama.attention.key_length" not in meta and d % heads:
+        raise ValueError(f"llama.embedding_length={d} is not a multiple of "
+                         f"llama.attention.head_count={heads}")
+    head_dim = integer("llama.attention.key_length", d // heads)
+    for key in ("llama.attention.value_length", "llama.rope.dimension_count"):
+        if key in meta and integer(key) != head_dim:
+            what = "partial RoPE" if key.startswith("llama.rope") else "another value width"
+            raise ValueError(f"{key}={meta[key]!r} differs from the head width {head_dim} "
+                             f"({what} is not implemented)")
+    vocab = meta.get("llama.vocab_size")
+    if vocab is None:
+        vocab = len(meta["tokenizer.ggml.tokens"])
+    else:
+        vocab = integer("llama.vocab_size")
     scaling = meta.get("llama.rope.scaling.type", "none")
-    if scaling not in ("none", None):
-        raise ValueError(f"RoPE scaling {scaling!r} is not implemented")
-    d = int(meta["llama.embedding_length"])
-    heads = int(meta["llama.attention.head_count"])
-    vocab = meta.get("llama.vocab_size") or len(meta["tokenizer.ggml.tokens"])
-    fields = dict(
-        vocab=int(vocab), d=d, layers=int(meta["llama.block_count"]), heads=heads,
-        kv_heads=int(meta.get("llama.attention.head_count_kv", heads)),
-        head_dim=int(meta.get("llama.rope.dimension_count", d // heads)),
-        ffn=int(meta["llama.feed_forward_length"]),
-        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-        rms_eps=float(meta["llama.attention.layer_norm_rms_epsilon"]),
-        max_len=int(meta.get("llama.context_length", 2048)),
-        tied=not has_output,
+    rope: dict[str, Any] = {}
+    if scaling == "linear":
+        rope = {"rope_type": "linear", "rope_factor": number("llama.rope.scaling.factor")}
+    elif scaling not in ("none", None):
+        raise ValueError(f"llama.rope.scaling.type={scaling!r} is not implemented; supported: "
+                         "'none', 'linear'")
+    elif meta.get("llama.rope.scaling.factor", 1.0) not in (0, 1, 0.0, 1.0):
+        raise ValueError(f"llama.rope.scaling.factor={meta['llama.rope.scaling.factor']!r} "
+                         "without llama.rope.scaling.type")
+    fields: dict[str, Any] = dict(
+        vocab=vocab, d=d, layers=integer("llama.block_count"), heads=heads,
+        kv_heads=integer("llama.attention.head_count_kv", heads), head_dim=head_dim,
+        ffn=integer("llama.feed_forward_length"),
+        rope_theta=number("llama.rope.freq_base", 10000.0),
+        rms_eps=number("llama.attention.layer_norm_rms_epsilon"),
+        max_len=integer("llama.context_length", 2048),
+        tied=not has_output, **rope,
     )
     fields.update(overrides)
     return LlamaConfig(**fields)
@@ -365,6 +436,10 @@ def load_llama(source: str | os.PathLike | GGUFFile, dtype: Any = jnp.float32, *
       ValueError: shapes that disagree with the metadata.
     """
     g = source if isinstance(source, GGUFFile) else read(source)
+    if "rope_freqs.weight" in g.tensors and "rope_freq_factors" not in config_overrides:
+        # llama.cpp's llama3 RoPE: inverse frequency i is divided by rope_freqs[i]
+        config_overrides = {**config_overrides,
+                            "rope_freq_factors": tuple(g.tensor("rope_freqs.weight").tolist())}
     try:
         cfg = llama_config(g.metadata, has_output="output.weight" in g.tensors, **config_overrides)
     except KeyError as e:
@@ -372,6 +447,11 @@ def load_llama(source: str | os.PathLike | GGUFFile, dtype: Any = jnp.float32, *
                          "has") from None
     except ValueError as e:
         raise ValueError(f"{g.path}: {e}") from None
+    blocks = sorted({int(n.split(".")[1]) for n in g.tensors
+                     if n.startswith("blk.") and n.split(".")[1].isdigit()})
+    if blocks != list(range(cfg.layers)):
+        raise ValueError(f"{g.path}: llama.block_count={cfg.layers} but the file has blk.N.* "
+                         f"tensors for N in {blocks[:3]}...{blocks[-3:]} ({len(blocks)} blocks)")
     hd = cast(int, cfg.head_dim)  # never None: LlamaConfig.__post_init__ fills it in
 
     def tensor(name: str, shape: tuple[int, ...], kernel: bool = False,
@@ -413,6 +493,14 @@ def load_llama(source: str | os.PathLike | GGUFFile, dtype: Any = jnp.float32, *
     p["norm/scale"] = tensor("output_norm.weight", (cfg.d,))
     if not cfg.tied:
         p["lm_head/kernel"] = tensor("output.weight", (cfg.vocab, cfg.d), True)
+    used = {"token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"} | {
+        f"blk.{i}.{n}.weight" for i in range(cfg.layers) for n in (
+            "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate",
+            "ffn_up", "ffn_down")}
+    unused = sorted(set(g.tensors) - used)
+    if unused:
+        raise ValueError(f"{g.path}: tensors {unused[:5]} ({len(unused)} in all) are not part of "
+                         "the Llama this loader builds (biases, experts...?)")
     abstract: dict[str, Any] = {}
     for path, src in p.items():
         node = abstract

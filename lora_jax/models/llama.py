@@ -105,6 +105,9 @@ class LlamaConfig:
         high_freq_factor].
       rope_original_max_len: "llama3" pretraining length [original_max_position_embeddings];
         default ``max_len``.
+      rope_freq_factors: (head_dim/2,) divisors of the inverse frequencies, after
+        ``rope_type``'s scaling (GGUF ``rope_freqs.weight``: how llama.cpp encodes llama3
+        scaling); no Hugging Face equivalent.
 
     The ``rope_*`` parameters are None unless ``rope_type`` uses them (setting one it does not
     use is an error: it would be silently ignored).
@@ -131,6 +134,7 @@ class LlamaConfig:
     rope_low_freq_factor: float | None = None
     rope_high_freq_factor: float | None = None
     rope_original_max_len: int | None = None
+    rope_freq_factors: tuple[float, ...] | None = None
 
     def __post_init__(self):
         def fail(msg):
@@ -187,6 +191,14 @@ class LlamaConfig:
                     or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"LlamaConfig: rope_type={self.rope_type!r} needs {name} > 0 "
                                  f"({'an int' if is_len else 'finite'}), got {value!r}")
+        if self.rope_freq_factors is not None:
+            factors = tuple(float(f) for f in np.asarray(self.rope_freq_factors).reshape(-1))
+            if len(factors) != cast(int, self.head_dim) // 2 or \
+                    not all(math.isfinite(f) and f > 0 for f in factors):
+                raise ValueError(f"LlamaConfig: rope_freq_factors must be head_dim/2="
+                                 f"{cast(int, self.head_dim) // 2} finite numbers > 0, got "
+                                 f"{len(factors)}: {factors[:8]}")
+            object.__setattr__(self, "rope_freq_factors", factors)
         if self.rope_type == "llama3" and not (
                 cast(float, self.rope_high_freq_factor) > cast(float, self.rope_low_freq_factor)):
             raise ValueError(
@@ -217,6 +229,8 @@ def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         inv_freq = np.where(medium, smoothed, scaled)
+    if cfg.rope_freq_factors is not None:
+        inv_freq = inv_freq / np.asarray(cfg.rope_freq_factors, np.float64)
     return inv_freq.astype(np.float32)
 
 
@@ -460,6 +474,7 @@ HF_KEYS_WITHOUT_MATH = frozenset({
     "max_length", "min_length", "do_sample", "temperature", "top_k", "top_p", "num_beams",
     "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "num_return_sequences",
     "early_stopping", "typical_p", "forced_bos_token_id", "forced_eos_token_id",
+    "is_llama_config",  # SmolLM2 (nanotron export)
 })
 # keys that change the math unless they hold one of these values (refused otherwise)
 HF_KEYS_AT_DEFAULT: dict[str, tuple[Any, ...]] = {
@@ -472,6 +487,7 @@ HF_KEYS_AT_DEFAULT: dict[str, tuple[Any, ...]] = {
     "add_cross_attention": (False, None),
     "is_decoder": (False, None),
     "tie_encoder_decoder": (False, None),
+    "rope_interleaved": (False, None),  # SmolLM2 (nanotron): true would pair x[2i], x[2i+1]
 }
 # keys :func:`config_from_hf` reads and honours
 HF_KEYS_READ = frozenset({
@@ -667,7 +683,15 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
 
     RoPE is written as top-level ``rope_theta`` plus, for a scaled type, ``rope_scaling`` with
     ``rope_type``: the spelling both transformers 4 (>= 4.43) and 5 read.
+
+    Raises:
+      ValueError: ``cfg.rope_freq_factors`` is set (a GGUF's ``rope_freqs.weight``), which no
+        Hugging Face config key expresses.
     """
+    if cfg.rope_freq_factors is not None:
+        raise ValueError("config_to_hf: rope_freq_factors (from a GGUF's rope_freqs.weight) has "
+                         "no Hugging Face config equivalent; writing the config without it "
+                         "would change the model")
     out: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": cfg.vocab, "hidden_size": cfg.d, "num_hidden_layers": cfg.layers,
