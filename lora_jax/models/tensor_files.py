@@ -247,6 +247,8 @@ class TensorFiles:
         The axes after the last one ``index`` cuts are contiguous on disk: one read per run.
         """
         file, dtype, shape, offset = self._entry(name)
+        if not shape:  # a scalar
+            return self._read_scalar(file, dtype, offset)
         idx = [range(*s.indices(d)) for s, d in zip(index or (), shape)]
         idx += [range(d) for d in shape[len(idx):]]
         if any(r.step != 1 for r in idx):
@@ -263,6 +265,14 @@ class TensorFiles:
             for i, outer in enumerate(itertools.product(*idx[:cut])):
                 start = sum(j * s for j, s in zip(outer, strides)) + idx[cut].start * strides[cut]
                 _pread_into(fd, memoryview(flat[i]), offset + start * dtype.itemsize, file)
+        with self._lock:
+            self.bytes_read += out.nbytes
+        return out
+
+    def _read_scalar(self, file: str, dtype: np.dtype, offset: int) -> np.ndarray:
+        out = np.empty((), dtype)
+        with open(file, "rb", buffering=0) as f:
+            _pread_into(f.fileno(), memoryview(out.reshape(1).view(np.uint8)), offset, file)
         with self._lock:
             self.bytes_read += out.nbytes
         return out
