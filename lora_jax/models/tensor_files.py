@@ -272,7 +272,7 @@ class TensorFiles:
     def _read_scalar(self, file: str, dtype: np.dtype, offset: int) -> np.ndarray:
         out = np.empty((), dtype)
         with open(file, "rb", buffering=0) as f:
-            _pread_into(f.fileno(), memoryview(out.reshape(1).view(np.uint8)), offset, file)
+            _pread_into(f.fileno(), memoryview(out.reshape(1, 1).view(np.uint8)[0]), offset, file)
         with self._lock:
             self.bytes_read += out.nbytes
         return out
