@@ -298,6 +298,13 @@ def test_lora_ga_init_warns(tmp_path):
         peft.load(_adapter(tmp_path, init_lora_weights="lora_ga"), _base())
 
 
+def test_peft_config_nested_too_deep(tmp_path):
+    folder = _adapter(tmp_path)
+    (folder / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"adapter_config.json nests too deep"):
+        peft.load(folder, _base())
+
+
 def test_save_refuses_an_unknown_extra_config(tmp_path):
     lora = lora_jax.init(_base(), r=2, key=jax.random.key(0))
     with pytest.raises(ValueError, match=r"save: unknown PEFT options \[\"brand_new_option="):
@@ -335,3 +342,47 @@ def test_traced_layouts_still_accepted():
     layouts = lora_jax.trace(fn, params, jnp.ones((1, 32)))
     lora = lora_jax.init(params, r=2, key=jax.random.key(0), layouts=layouts)
     assert list(lora_jax.lora.leaves(lora)) == ["params/fc1/kernel"]
+
+
+# ------------------------------------------------------------------------------------------
+# lora_jax checkpoints: static fields of an adapter leaf in the metadata
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory):
+    rng = np.random.default_rng(3)
+    params = {"params": {"fc": {"kernel": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)}}}
+    lora = lora_jax.init(params, r=2, alpha=4.0, key=jax.random.key(0))
+    folder = tmp_path_factory.mktemp("ckpt") / "adapter_ckpt"
+    lora_jax.checkpoint.save_adapter(folder, lora)
+    return folder, lora
+
+
+@pytest.mark.parametrize("static,match", [
+    ({"alpha": True}, r"LoraWeight.alpha must be a number, got True"),
+    ({"rslora": 1}, r"LoraWeight.rslora must be true or false, got 1"),
+    ({"roles": 5}, r"LoraWeight.roles must be a string, got 5"),
+    ({"alpha": -4.0}, r"the file records scale 2.0 but the leaf's fields give -2.0"),
+    ({"alpha": 8.0}, r"the file records scale 2.0 but the leaf's fields give 4.0"),
+    ({"roles": "oi"}, r"the file records kernel_shape \[4, 3\] but the leaf's fields give "
+                      r"\[3, 4\]"),
+])
+def test_checkpoint_static_fields_checked(saved_adapter, tmp_path, static, match):
+    folder, _ = saved_adapter
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    meta = copy / "adapter" / "metadata"
+    info = json.loads(meta.read_text())
+    info["leaves"][0]["static"].update(static)
+    meta.write_text(json.dumps(info))
+    with pytest.raises(lora_jax.checkpoint.CheckpointError,
+                       match=r"metadata node 'leaves/0 \(params/fc/kernel\)': " + match):
+        lora_jax.checkpoint.load_adapter(copy)
+
+
+def test_checkpoint_round_trip_still_loads(saved_adapter):
+    folder, lora = saved_adapter
+    back = lora_jax.checkpoint.load_adapter(folder)
+    got, want = back["params"]["fc"]["kernel"], lora["params"]["fc"]["kernel"]
+    assert (got.alpha, got.rslora, got.roles) == (want.alpha, want.rslora, want.roles)
+    np.testing.assert_array_equal(np.asarray(got.a), np.asarray(want.a))

@@ -236,6 +236,8 @@ def read_config(directory) -> dict:
             cfg = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"load: {path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"load: {path} nests too deep to be a PEFT config") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"load: {path} must hold a JSON object (PEFT's LoraConfig fields), got "
                          f"a {type(cfg).__name__}")
