@@ -56,9 +56,7 @@ def resolve_targets(
     rules = tuple(rules or ())
     for pat in target_pats + exclude_pats:
         P.check_pattern(pat, "target pattern")
-    if layouts is not None and not isinstance(layouts, Mapping):
-        raise TypeError(f"layouts must be the result of lora_jax.trace(fn, params, *args), got "
-                        f"a {type(layouts).__name__}")
+    Lay.check_layouts(layouts, "init")
 
     if target_pats:
         for pat in target_pats:

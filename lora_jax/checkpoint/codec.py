@@ -26,6 +26,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import sys
+import typing
 from typing import Any
 
 import jax
@@ -359,10 +360,34 @@ def build(cls: type, dyn: dict, static: Any, rd: Reader, path: str):
         raise rd.error(path, f"{cls.__qualname__} needs the fields {missing}, which the node "
                        "lacks")
     kwargs = {**dyn, **{k: _static_value(v, rd, f"{path}/{k}") for k, v in static.items()}}
+    _check_static_types(cls, {k: kwargs[k] for k in static}, rd, path)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise rd.error(path, f"{cls.__qualname__}(...) refused the stored fields: {e}") from None
+
+
+# A static field declared bool, int, float or str must hold that type in a file: a stored
+# alpha of true would otherwise be 1.0, an rslora of 1 a flag, a roles of 5 an odd TypeError.
+_STATIC_KINDS: dict[Any, tuple[str, Any]] = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def _check_static_types(cls: type, static: dict, rd: Reader, path: str) -> None:
+    """Refuses a stored static field whose JSON type is not the field's declared type."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - a registered class with unresolvable annotations
+        return
+    for name, value in static.items():
+        kind = _STATIC_KINDS.get(hints.get(name))
+        if kind is not None and not kind[1](value):
+            raise rd.error(path, f"{cls.__qualname__}.{name} must be {kind[0]}, got "
+                           f"{value!r:.80}")
 
 
 def shape_dtype(a: Any, rd: Reader, node: str, sharding=None) -> jax.ShapeDtypeStruct:

@@ -51,15 +51,31 @@ def abstract_lora(info: dict, shardings: Shardings, where: str) -> dict[str, L.L
             sds = codec.shape_dtype(a, rd, f"{node}/arrays/{name}")
             arrays[name] = jax.ShapeDtypeStruct(sds.shape, sds.dtype,
                                                 sharding=shardings(path, name, sds.shape))
-        leaf = codec.build(cls, arrays, e.get("static", {}), rd, node)
+        leaf = codec.build(cls, arrays, e.get("static", {}), rd, f"{node} ({path})")
         try:
             V.adapter_leaf(path, leaf, where)
         except (TypeError, ValueError) as err:
             raise CheckpointError(str(err)) from None
+        _check_summary(e, leaf, rd, f"{node} ({path})")
         if path in out:
             raise rd.error(node, f"{path!r} appears twice")
         out[path] = leaf
     return out
+
+
+def _check_summary(entry: dict, leaf: L.LowRankLeaf, rd: codec.Reader, node: str) -> None:
+    """The rank, scale and kernel shape the file records next to a leaf (when it does) agree
+    with the leaf rebuilt from its fields: a damaged or edited static field shows here."""
+    scale = float(leaf.scale)
+    stored = entry.get("scale", scale)
+    if not (isinstance(stored, (int, float)) and not isinstance(stored, bool)
+            and abs(stored - scale) <= 1e-6 * abs(scale)):
+        raise rd.error(node, f"the file records scale {stored!r:.60} but the leaf's fields give "
+                       f"{scale!r}: damaged or edited metadata")
+    for key, value in (("r", leaf.r), ("kernel_shape", list(leaf.kernel_shape))):
+        if key in entry and entry[key] != value:
+            raise rd.error(node, f"the file records {key} {entry[key]!r:.60} but the leaf's "
+                           f"fields give {value!r}: damaged or edited metadata")
 
 
 def unsharded(path: str, name: str, shape: tuple) -> None:

@@ -40,7 +40,7 @@ from lora_jax.layouts.roles import (
     split,
     to_canonical,
 )
-from lora_jax.layouts.trace import Layouts, WeightLayout, trace
+from lora_jax.layouts.trace import Layouts, WeightLayout, check_layouts, trace
 from lora_jax.layouts.views import (
     CALL_PRIMS,
     REMAT_PRIMS,
@@ -63,6 +63,7 @@ __all__ = [
     "block_order",
     "canonical",
     "check",
+    "check_layouts",
     "from_canonical",
     "from_names",
     "reshape_axes",

@@ -90,6 +90,39 @@ class Layouts(Mapping[str, WeightLayout]):
         return "\n".join(str(w) for w in self._items.values())
 
 
+KINDS = ("dense", "embedding", "other")
+
+
+def check_layouts(layouts: Any, where: str) -> Mapping[str, WeightLayout] | None:
+    """``layouts`` (None, or ``{path: WeightLayout}`` as :func:`trace` returns), checked.
+
+    Raises:
+      TypeError: not a mapping, a path that is not a string, or a value that is not a
+        :class:`WeightLayout` (e.g. a roles string: that goes in ``rules=``), each naming the
+        path and what was expected.
+    """
+    if layouts is None:
+        return None
+    hint = "the result of lora_jax.trace(fn, params, *args)"
+    if not isinstance(layouts, Mapping):
+        raise TypeError(f"{where}: layouts must be {hint}, got a {type(layouts).__name__}")
+    for path, layout in layouts.items():
+        if not isinstance(path, str):
+            raise TypeError(f"{where}: layouts must be {hint}, whose keys are '/'-joined "
+                            f"parameter paths; got the key {path!r:.80}")
+        if not isinstance(layout, WeightLayout):
+            roles = (f"; to set a kernel's roles by hand use rules=[lora_jax.Rule({path!r}, "
+                     f"roles={layout!r})]" if isinstance(layout, str) else "")
+            raise TypeError(f"{where}: layouts[{path!r}] must be a lora_jax.WeightLayout (from "
+                            f"lora_jax.trace), got the {type(layout).__name__} {layout!r:.80}"
+                            + roles)
+        if layout.kind not in KINDS or not (layout.roles is None or isinstance(layout.roles, str)):
+            raise TypeError(f"{where}: layouts[{path!r}] has kind {layout.kind!r} and roles "
+                            f"{layout.roles!r}; expected a kind in {KINDS} and a roles string "
+                            "or None")
+    return layouts
+
+
 class _Recorder:
     def __init__(self, shapes: dict[str, tuple]):
         self.shapes = shapes

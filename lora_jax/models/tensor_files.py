@@ -24,6 +24,7 @@ import itertools
 import json
 import math
 import os
+import re
 import struct
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -54,6 +55,142 @@ def checkpoint_files(path: str | os.PathLike) -> list[str]:
     return [os.fspath(path)]
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
+MAX_HEADER_DEPTH = 64  # a valid header nests 3 deep ({name: {"shape": [...]}})
+
+
+def read_header(file: str) -> dict[str, tuple[np.dtype, tuple[int, ...], int]]:
+    """``{name: (dtype, shape, absolute byte offset)}`` of one safetensors file, in header order.
+
+    The header is checked by the rules of the ``safetensors`` library, so that a file it
+    refuses is refused here too: the length is at most 100 MB and fits the file; the header
+    is a JSON object (nested at most :data:`MAX_HEADER_DEPTH` deep, no name given twice);
+    ``__metadata__`` maps strings to strings; each tensor has a known ``dtype``, a ``shape`` of
+    non-negative integers and ``data_offsets`` ``[begin, end]`` with ``end - begin`` its byte
+    count; sorted by offset, the tensors tile the data from byte 0 to the end of the file.
+
+    Raises:
+      ValueError: naming the file, the tensor and what was expected.
+    """
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{file} is not a safetensors file: {size} bytes, less than the "
+                             "8-byte header length")
+        n = struct.unpack("<Q", head)[0]
+        if n > MAX_HEADER_BYTES:
+            raise ValueError(f"{file} is not a safetensors file: its header length is {n} bytes,"
+                             f" more than the limit of {MAX_HEADER_BYTES}")
+        if n < 2 or n > size - 8:
+            raise ValueError(f"{file} is not a safetensors file: its header length is {n} bytes,"
+                             f" expected 2 to {size - 8} (the file has {size} bytes)")
+        raw = f.read(n)
+    header = _parse_header(raw, file)
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(
+            isinstance(v, str) for v in meta.values())):
+        raise ValueError(f"{file}: the header's __metadata__ must map strings to strings, got "
+                         f"{meta!r:.80}")
+    out: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
+    spans = []  # (begin, end, name)
+    for name, info in header.items():
+        dtype, shape, (begin, end) = _tensor_info(name, info, file)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end < begin:
+            raise ValueError(f"{file}: tensor {name!r} has data_offsets [{begin}, {end}], whose "
+                             "end is before its begin")
+        if end - begin != nbytes:
+            raise ValueError(f"{file}: tensor {name!r} of shape {shape} ({info['dtype']}) needs "
+                             f"{nbytes} bytes but its data_offsets [{begin}, {end}] hold "
+                             f"{end - begin} (damaged header?)")
+        spans.append((begin, end, name))
+        out[name] = (dtype, shape, 8 + n + begin)
+    pos, previous = 0, None
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            what = (f"overlaps tensor {previous!r}, which ends at byte {pos}" if begin < pos
+                    else f"leaves bytes {pos} to {begin} unused" + (
+                        f" after tensor {previous!r}" if previous else ""))
+            raise ValueError(f"{file}: tensor {name!r} has data_offsets [{begin}, {end}], which "
+                             f"{what}; expected it to begin at byte {pos}")
+        pos, previous = end, name
+    data = size - 8 - n
+    if pos != data:
+        what = "is truncated" if pos > data else f"has {data - pos} extra bytes"
+        raise ValueError(f"{file} {what}: its header's tensors end at byte {pos} of the data, "
+                         f"which holds {data} bytes after the {n}-byte header")
+    return out
+
+
+def _parse_header(raw: bytes, file: str) -> dict:
+    """The header's JSON object; refuses deep nesting before the parser recurses into it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: the safetensors header is not UTF-8 text: {e}") from None
+    outside_strings = re.sub(r'"(?:[^"\\]|\\.)*"', "", text)
+    steps = np.zeros(len(outside_strings), np.int64)
+    codes = np.frombuffer(outside_strings.encode("ascii", "replace"), np.uint8)
+    steps[(codes == ord("{")) | (codes == ord("["))] = 1
+    steps[(codes == ord("}")) | (codes == ord("]"))] = -1
+    deepest = int(np.cumsum(steps).max(initial=0))
+    if deepest > MAX_HEADER_DEPTH:
+        raise ValueError(f"{file}: the safetensors header nests {deepest} deep, more than "
+                         f"{MAX_HEADER_DEPTH} (a valid header nests 3 deep)")
+
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            twice = next(k for k in keys if keys.count(k) > 1)
+            raise _DuplicateKey(twice)
+        return dict(pairs)
+
+    try:
+        header = json.loads(text, object_pairs_hook=unique)
+    except _DuplicateKey as e:
+        raise ValueError(f"{file}: the safetensors header names {e.args[0]!r} twice (a tensor "
+                         "or field given twice)") from None
+    except ValueError as e:
+        raise ValueError(f"{file}: unreadable safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: the safetensors header must be a JSON object "
+                         f"{{name: {{dtype, shape, data_offsets}}}}, got a JSON "
+                         f"{type(header).__name__}")
+    return header
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _tensor_info(name: str, info, file: str) -> tuple[np.dtype, tuple[int, ...], tuple[int, int]]:
+    """The dtype, shape and data offsets of one header entry, their types checked."""
+    where = f"{file}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise ValueError(f"{where}: expected an object {{dtype, shape, data_offsets}}, got "
+                         f"{info!r:.80}")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+    if missing:
+        raise ValueError(f"{where} has no {', '.join(missing)}")
+    if info["dtype"] not in DTYPES:
+        raise ValueError(f"{where} has dtype {info['dtype']!r:.40}, expected one of "
+                         f"{', '.join(DTYPES)}")
+
+    def naturals(value, key, length=None):
+        if not (isinstance(value, list) and all(
+                type(v) is int and v >= 0 for v in value)) or (
+                length is not None and len(value) != length):
+            expected = f"{length} " if length else "a list of "
+            raise ValueError(f"{where}: {key} must be {expected}non-negative integers"
+                             f"{' [begin, end]' if length else ''}, got {value!r:.80}")
+        return tuple(value)
+
+    shape = naturals(info["shape"], "shape")
+    begin, end = naturals(info["data_offsets"], "data_offsets", 2)
+    return DTYPES[info["dtype"]], shape, (begin, end)
+
+
 class TensorFiles:
     """The tensors of one or more safetensors files, read by slices.
 
@@ -65,7 +202,8 @@ class TensorFiles:
       bytes_read: tensor bytes read so far (thread-safe counter).
 
     Raises:
-      ValueError: a file that is not safetensors, or a tensor name in two files.
+      ValueError: a file that is not safetensors (see :func:`read_header`), or a tensor name
+        in two files.
     """
 
     def __init__(self, path: str | os.PathLike | Sequence[str]):
@@ -76,30 +214,11 @@ class TensorFiles:
         # name -> (file, dtype, shape, absolute byte offset)
         self._index: dict[str, tuple[str, np.dtype, tuple[int, ...], int]] = {}
         for file in self.files:
-            with open(file, "rb") as f:
-                head = f.read(8)
-                n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-                if n < 2 or n > os.path.getsize(file) - 8:
-                    raise ValueError(f"{file} is not a safetensors file (bad header length)")
-                try:
-                    header = json.loads(f.read(n))
-                except ValueError as e:
-                    raise ValueError(f"{file}: unreadable safetensors header: {e}") from None
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
+            for name, (dtype, shape, offset) in read_header(file).items():
                 if name in self._index:
                     raise ValueError(f"tensor {name!r} is in both {self._index[name][0]} and "
                                      f"{file}")
-                if info["dtype"] not in DTYPES:
-                    raise ValueError(f"{file}: tensor {name!r} has dtype {info['dtype']}, "
-                                     f"expected one of {', '.join(DTYPES)}")
-                dtype, shape = DTYPES[info["dtype"]], tuple(info["shape"])
-                start, stop = (int(o) for o in info["data_offsets"])
-                if stop - start != math.prod(shape) * dtype.itemsize:
-                    raise ValueError(f"{file}: tensor {name!r} of shape {shape} ({info['dtype']}) "
-                                     f"has {stop - start} bytes of data (damaged header?)")
-                self._index[name] = (file, dtype, shape, 8 + n + start)
+                self._index[name] = (file, dtype, shape, offset)
 
     def keys(self) -> list[str]:
         """Tensor names, in file order."""
@@ -128,6 +247,8 @@ class TensorFiles:
         The axes after the last one ``index`` cuts are contiguous on disk: one read per run.
         """
         file, dtype, shape, offset = self._entry(name)
+        if not shape:  # a scalar
+            return self._read_scalar(file, dtype, offset)
         idx = [range(*s.indices(d)) for s, d in zip(index or (), shape)]
         idx += [range(d) for d in shape[len(idx):]]
         if any(r.step != 1 for r in idx):
@@ -144,6 +265,14 @@ class TensorFiles:
             for i, outer in enumerate(itertools.product(*idx[:cut])):
                 start = sum(j * s for j, s in zip(outer, strides)) + idx[cut].start * strides[cut]
                 _pread_into(fd, memoryview(flat[i]), offset + start * dtype.itemsize, file)
+        with self._lock:
+            self.bytes_read += out.nbytes
+        return out
+
+    def _read_scalar(self, file: str, dtype: np.dtype, offset: int) -> np.ndarray:
+        out = np.empty((), dtype)
+        with open(file, "rb", buffering=0) as f:
+            _pread_into(f.fileno(), memoryview(out.reshape(1, 1).view(np.uint8)[0]), offset, file)
         with self._lock:
             self.bytes_read += out.nbytes
         return out

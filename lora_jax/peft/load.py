@@ -105,8 +105,9 @@ def load(
     in_axes = V.axes_arg(in_axes, "peft.load: in_axes", low=1)
     stack_axes = V.axes_arg(stack_axes, "peft.load: stack_axes", low=0)
     cfg = read_config(directory)
-    peft_type = check_config(cfg, f"load {os.fspath(directory)!r}")
-    check_values(cfg, peft_type, f"load: {os.path.join(os.fspath(directory), CONFIG_NAME)}")
+    where = f"load: {os.path.join(os.fspath(directory), CONFIG_NAME)}"
+    peft_type = check_config(cfg, where)
+    check_values(cfg, peft_type, where)
     ada = peft_type == "ADALORA"
     mods = _split_keys(_read_tensors(directory), peft_type, bool(cfg.get("use_dora")))
     if not mods:

@@ -175,6 +175,7 @@ def quantize(
     V.patterns(exclude, "quantize: exclude")
     min_size = V.integer(min_size, "quantize: min_size", low=0)
     targets, exclude = _paths.as_patterns(targets), _paths.as_patterns(exclude)
+    _lay.check_layouts(layouts, "quantize")
     dense = None if layouts is None else {p for p, w in layouts.items() if w.kind == "dense"}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)
     used, out, seen, n_quantized = set(), [], [], 0
