@@ -60,6 +60,10 @@ def apply(
       With a stack of adapters (:func:`lora_jax.stack`) as ``lora``, pass
       ``adapter_ids=`` (one slot index or name per example, ``-1``/``"__base__"``: the base
       alone), optionally ``batch_axes=`` and ``routing=`` (:mod:`lora_jax.multi.routing`).
+      Concrete ids are checked (a single id instead of one per row, float or bool ids, ids
+      outside ``[-1, K)`` and names the stack lacks raise: :func:`lora_jax.multi.adapter_ids`);
+      traced ids under ``jit`` cannot be, and a row whose id is outside ``[-1, K)`` gets the
+      base alone.
       Python scalars and other non-array arguments are static (closed over when tracing).
     """
     if mode not in ("fast", "merged"):
