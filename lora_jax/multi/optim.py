@@ -41,8 +41,9 @@ def _as_per_slot(values, what: str, where: str, *, nonnegative: bool) -> jax.Arr
         bad = np.nonzero(~np.isfinite(host) | ((host < 0) if nonnegative else False))[0]
         if bad.size:
             need = "finite and >= 0" if nonnegative else "finite"
+            got = ", ".join(f"{v:.4g}" for v in host[bad])
             raise ValueError(f"{where}: {what} must be {need}; slots {bad.tolist()} have "
-                             f"{host[bad].tolist()}")
+                             f"[{got}]")
     return arr
 
 
