@@ -274,3 +274,28 @@ def test_per_slot_rates_must_match_the_stack():
     leaf_new = jax.tree.leaves(new, is_leaf=is_lowrank)[0]
     np.testing.assert_array_equal(leaf_new.a[0], leaf_old.a[0])
     assert not np.allclose(leaf_new.a[1], leaf_old.a[1])
+
+
+def test_checkify_raises_on_traced_out_of_range_ids():
+    from jax.experimental import checkify
+
+    f = jax.jit(checkify.checkify(lambda s, x, i: F(PARAMS, s, x, adapter_ids=i)))
+    x = rows(3, 18)
+    err, _ = f(STACK, x, jnp.array([0, 1, 2], jnp.int32))
+    err.throw()  # in range: no error
+    err, y = f(STACK, x, jnp.array([0, 4, -1], jnp.int32))
+    with pytest.raises(checkify.JaxRuntimeError, match=r"\[ 0  4 -1\] has ids outside \[-1, 3\)"):
+        err.throw()
+    np.testing.assert_allclose(y, expected(list(ADS.values()), [0, 4, -1], x), atol=2e-5,
+                               rtol=2e-5)
+
+
+def test_routing_keywords_need_adapter_ids_and_a_known_routing():
+    x = rows(2, 19)
+    with pytest.raises(TypeError, match="batch_axes= and routing= .* need adapter_ids="):
+        F(PARAMS, ADS["x"], x, routing="onehot")  # would be ignored: one adapter for all rows
+    with pytest.raises(TypeError, match="need adapter_ids="):
+        F(PARAMS, ADS["x"], x, batch_axes=((0,), {}))
+    with pytest.raises(ValueError, match=r"routing must be one of \('gather', 'onehot'\), got "
+                                         "'Gather'"):
+        F(PARAMS, STACK, x, adapter_ids=[0, 1], routing="Gather")
