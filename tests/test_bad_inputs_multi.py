@@ -299,3 +299,18 @@ def test_routing_keywords_need_adapter_ids_and_a_known_routing():
     with pytest.raises(ValueError, match=r"routing must be one of \('gather', 'onehot'\), got "
                                          "'Gather'"):
         F(PARAMS, STACK, x, adapter_ids=[0, 1], routing="Gather")
+
+
+def test_wide_traced_ids_do_not_wrap_round_to_a_slot():
+    with jax.enable_x64(True):
+        ids = jnp.array([2**32 + 1, 1, -(2**32) + 2], jnp.int64)  # int32 casts: 1, 1, 2
+        got = jax.jit(lambda i: multi.adapter_ids(STACK, i))(ids)
+    assert got.tolist() == [-1, 1, -1]
+
+
+def test_load_peft_of_one_adapter_folder_says_so(tmp_path):
+    from lora_jax import peft
+
+    peft.save(tmp_path / "one", ADS["x"])
+    with pytest.raises(FileNotFoundError, match="is one PEFT adapter folder.*peft.load"):
+        multi.load_peft(tmp_path / "one", PARAMS)

@@ -22,8 +22,8 @@ Ids (:func:`lora_jax.multi.adapter_ids`): one per row; concrete ones are checked
 ``[-1, K)``, names, integer dtype). Traced ids (under ``jit``) cannot be: a row whose id is
 outside ``[-1, K)`` gets the base alone (its adapter update is masked to zero, in every
 routing), never another adapter's factors. To have such ids raise instead, wrap the jitted
-function in ``jax.experimental.checkify.checkify`` (the range is a ``checkify.debug_check``,
-a no-op otherwise) and call ``err.throw()``.
+function in ``jax.experimental.checkify.checkify`` (the range is a ``checkify.debug_check``
+in :func:`lora_jax.multi.adapter_ids`, a no-op otherwise) and call ``err.throw()``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import checkify
 
 from lora_jax import paths as P
 from lora_jax import protocols
@@ -39,7 +38,6 @@ from lora_jax.leaves import is_lowrank, leaves
 from lora_jax.multi.leaf import ROUTINGS
 from lora_jax.multi.stack import adapter_ids as resolve_ids
 from lora_jax.multi.stack import is_stacked
-from lora_jax.multi.stack import names as stack_names
 
 
 def _is_array(x) -> bool:
@@ -108,12 +106,6 @@ def run(core_run, fn, base, lora, args, kwargs, *, adapter_ids, batch_axes=None,
     if routing not in ROUTINGS:
         raise ValueError(f"apply: routing must be one of {ROUTINGS}, got {routing!r}")
     ids = resolve_ids(lora, adapter_ids)
-    if isinstance(ids, jax.core.Tracer):  # concrete ids were checked; these rows get the base
-        k = len(stack_names(lora))
-        checkify.debug_check(jnp.all((ids >= -1) & (ids < k)),
-                             f"apply: adapter_ids {{ids}} has ids outside [-1, {k}) for a "
-                             f"stack of K={k} adapters; those rows got the base alone",
-                             ids=ids)
     n = ids.shape[0]
     pairs, treedef = jax.tree.flatten((args, kwargs))
     axes = _axes(args, kwargs, n, batch_axes)

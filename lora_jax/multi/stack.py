@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from lora_jax.leaves import from_leaves, is_lowrank, leaves
 from lora_jax.multi.leaf import StackedLora
@@ -252,6 +253,18 @@ def _id_of(row: int, i: Any, ns: tuple[str, ...]) -> int | str:
                     f"index, an adapter name, or -1 / None / {BASE!r} for the base alone")
 
 
+def _traced_ids(ids: jax.Array, k: int) -> jax.Array:
+    """Traced ids as int32, every id outside ``[-1, K)`` made ``-1`` (the base alone) before
+    the cast, so that no wide or unsigned id wraps round to a slot; a ``checkify`` check."""
+    if jnp.issubdtype(ids.dtype, jnp.unsignedinteger):
+        valid = ids < k
+    else:
+        valid = (ids >= -1) & (ids < k)
+    checkify.debug_check(jnp.all(valid), f"adapter_ids {{ids}} has ids outside [-1, {k}) for a "
+                         f"stack of K={k} adapters; those rows got the base alone", ids=ids)
+    return jnp.where(valid, ids.astype(jnp.int32), jnp.int32(-1))
+
+
 def adapter_ids(tree: PyTree, ids: Any) -> jax.Array:
     """Per-example slot indices: one id per row (a list, a tuple or a ``(batch,)`` array)
     to an int32 ``(batch,)`` array. An id is an adapter name or an integer slot in
@@ -273,7 +286,7 @@ def adapter_ids(tree: PyTree, ids: Any) -> jax.Array:
         if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.ndim != 1:
             raise TypeError(f"adapter_ids: expected a (batch,) integer array, got "
                             f"{ids.dtype}{list(ids.shape)}")
-        return ids.astype(jnp.int32)
+        return _traced_ids(ids, len(ns))
     if isinstance(ids, (jax.Array, np.ndarray, np.generic)):
         values = np.asarray(ids)
         if values.dtype.kind in "UO" and values.ndim == 1:
