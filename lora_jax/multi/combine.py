@@ -33,6 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax import paths as P
 from lora_jax.leaves import LoraWeight, from_leaves, leaves
@@ -97,10 +98,11 @@ def combine(adapters: Mapping[str, Any] | Any, weights: Sequence[float], method:
 
     Args:
       adapters: ``{name: LoRA tree}`` (in the order of ``weights``), or a stack.
-      weights: one weight per adapter.
+      weights: one finite number per adapter.
       method: one of :data:`METHODS`.
-      density: fraction kept (``ties``, ``magnitude_prune``, ``dare_*``).
-      svd_rank: the result's rank for ``svd`` (default: the largest source rank).
+      density: fraction kept, in ``(0, 1]`` (``ties``, ``magnitude_prune``, ``dare_*``).
+      svd_rank: the result's rank for ``svd``, a positive int (default: the largest source
+        rank).
       key: PRNG key for ``dare_*``.
       majority_sign_method: ``"total"`` or ``"frequency"`` (``ties``, ``dare_ties``).
 
@@ -109,17 +111,29 @@ def combine(adapters: Mapping[str, Any] | Any, weights: Sequence[float], method:
 
     Raises:
       ValueError: an unknown method, unequal ranks where equal ones are needed (naming the
-        path and ranks), a missing density/key, or adapters of different layouts.
+        path and ranks), a missing density/key, a weight that is not finite, a weight count
+        that is not the adapter count, ``svd_rank`` < 1 or ``density`` outside ``(0, 1]``,
+        or adapters of different layouts.
+      TypeError: a weight, ``svd_rank`` or ``density`` that is not a number of its kind.
     """
     if method not in METHODS:
         raise ValueError(f"combine: method must be one of {METHODS}, got {method!r}")
     if _is_stack(adapters):
         adapters = unstack(adapters)
     names = list(adapters)
-    if len(weights) != len(names):
-        raise ValueError(f"combine: {len(weights)} weights for {len(names)} adapters {names}")
-    if method in ("ties", "magnitude_prune", "dare_linear", "dare_ties") and not (
-            density is not None and 0.0 < density <= 1.0):
+    weights = _weights(weights, names)
+    if svd_rank is not None and (isinstance(svd_rank, (bool, np.bool_))
+                                 or not isinstance(svd_rank, (int, np.integer))):
+        raise TypeError(f"combine: svd_rank must be a positive int, got {svd_rank!r} "
+                        f"({type(svd_rank).__name__})")
+    if svd_rank is not None and svd_rank < 1:
+        raise ValueError(f"combine: svd_rank must be a positive int, got {svd_rank}")
+    if density is not None and (isinstance(density, (bool, np.bool_))
+                                or not isinstance(density, (int, float, np.integer, np.floating))):
+        raise TypeError(f"combine: density must be a number in (0, 1], got {density!r}")
+    if density is not None and not 0.0 < density <= 1.0:  # NaN fails too
+        raise ValueError(f"combine: density must be in (0, 1], got {density!r}")
+    if method in ("ties", "magnitude_prune", "dare_linear", "dare_ties") and density is None:
         raise ValueError(f"combine: method {method!r} needs density in (0, 1], got {density!r}")
     if method.startswith("dare") and key is None:
         raise ValueError(f"combine: method {method!r} needs key= (a jax.random key)")
@@ -167,6 +181,28 @@ def combine(adapters: Mapping[str, Any] | Any, weights: Sequence[float], method:
         out[path] = LoraWeight(a=a, b=b, alpha=float(r), in_axes=first.in_axes,
                                stack_axes=sa, dropout=first.dropout, roles=first.layout)
     return from_leaves(out)
+
+
+def _weights(weights, names: list[str]) -> list[float]:
+    """``weights`` as floats, one per adapter, each finite (naming the adapter otherwise)."""
+    if isinstance(weights, (str, bytes, Mapping)) or np.ndim(weights) != 1:
+        raise TypeError(f"combine: weights must be a sequence of numbers, one per adapter "
+                        f"{names}, got {weights!r}")
+    if len(weights) != len(names):
+        raise ValueError(f"combine: {len(weights)} weights for {len(names)} adapters {names}")
+    out = []
+    for name, w in zip(names, weights):
+        if isinstance(w, (bool, np.bool_)) or not (
+                isinstance(w, (int, float, np.integer, np.floating))
+                or (isinstance(w, (jax.Array, np.ndarray)) and np.ndim(w) == 0
+                    and not isinstance(w, jax.core.Tracer))):
+            raise TypeError(f"combine: the weight of adapter {name!r} is {w!r}, not a number")
+        w = float(w)
+        if not math.isfinite(w):
+            raise ValueError(f"combine: the weight of adapter {name!r} is {w}; weights must "
+                             "be finite")
+        out.append(w)
+    return out
 
 
 def _is_stack(tree) -> bool:

@@ -17,8 +17,9 @@ import pathlib
 from collections.abc import Sequence
 from typing import Any
 
+from lora_jax.leaves import leaves
+from lora_jax.multi.stack import is_stacked, stack, unstack
 from lora_jax.multi.stack import names as stack_names
-from lora_jax.multi.stack import stack, unstack
 
 PyTree = Any
 
@@ -42,6 +43,10 @@ def load_peft(directory: str | os.PathLike, params: PyTree, names: Sequence[str]
     root = pathlib.Path(directory)
     if names is None:
         names = sorted(p.name for p in root.iterdir() if (p / "adapter_config.json").is_file())
+    if not names and (root / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"load_peft: {str(root)!r} is one PEFT adapter folder, not a "
+                                "folder of them; load it with lora_jax.peft.load (or stack "
+                                "it: lora_jax.stack({name: lora_jax.peft.load(...)}))")
     if not names:
         raise FileNotFoundError(f"load_peft: no PEFT adapter folders in {str(root)!r}")
     return stack({n: peft.load(root / n, params, **kwargs) for n in names})
@@ -56,7 +61,17 @@ def save(path: str | os.PathLike, tree: PyTree, **kwargs) -> None:
 
 
 def load(path: str | os.PathLike, **kwargs) -> PyTree:
-    """The stack saved by :func:`save` (:func:`lora_jax.checkpoint.load_adapter`)."""
+    """The stack saved by :func:`save` (:func:`lora_jax.checkpoint.load_adapter`).
+
+    Raises:
+      ValueError: ``path`` holds a single adapter, not a stack (load that with
+        :func:`lora_jax.checkpoint.load_adapter`).
+    """
     from lora_jax import checkpoint
 
-    return checkpoint.load_adapter(path, **kwargs)
+    tree = checkpoint.load_adapter(path, **kwargs)
+    if not any(is_stacked(x) for x in leaves(tree).values()):
+        raise ValueError(f"multi.load: {str(path)!r} holds a single adapter, not a stack of "
+                         "them; load it with lora_jax.checkpoint.load_adapter (and stack it "
+                         "with lora_jax.stack({name: adapter}) if you want a stack)")
+    return tree

@@ -54,17 +54,23 @@ def generate(model, base: Any, stack: Any, tokens: jax.typing.ArrayLike, n: int,
       stack: a stack of adapters for them (:func:`lora_jax.stack`).
       tokens: (batch, time) int prompt.
       n: tokens to add, >= 1.
-      adapter_ids: one adapter name or slot index per row.
+      adapter_ids: one adapter name or slot index per row, checked before the loop
+        compiles (:func:`lora_jax.multi.adapter_ids`: count, range ``[-1, K)``, dtype).
       routing: ``"gather"`` or ``"onehot"`` (:meth:`StackedLora.select`).
 
     Returns:
       (batch, time + n) int32. Swapping an adapter in ``stack`` (:func:`replace`) reuses
       the compiled loop.
+
+    Raises:
+      IndexError, KeyError, TypeError: bad ids (:func:`lora_jax.multi.adapter_ids`).
+      ValueError: not one id per row of ``tokens``.
     """
     if n < 1:
         raise ValueError(f"generate: n={n} must be >= 1")
     tokens = jnp.atleast_2d(jnp.asarray(tokens, jnp.int32))
     ids = resolve_ids(stack, adapter_ids)
     if ids.shape[0] != tokens.shape[0]:
-        raise ValueError(f"generate: {ids.shape[0]} adapter_ids for {tokens.shape[0]} rows")
+        raise ValueError(f"generate: {ids.shape[0]} adapter_ids for {tokens.shape[0]} rows of "
+                         f"tokens {tuple(tokens.shape)}: one id per row is needed")
     return _generator(model, tokens.shape[1], n, routing)(base, stack, tokens, ids)

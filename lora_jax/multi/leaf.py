@@ -65,23 +65,28 @@ class StackedLora(LowRankLeaf):
     @classmethod
     def of(cls, slots: list, names: tuple, like: LowRankLeaf) -> StackedLora:
         """A stack of ``slots``, each ``(A, B, scale)`` or ``None`` (a zero slot), ranks
-        zero-padded to the largest, with ``like``'s layout (in/stack axes, roles, dropout)."""
+        zero-padded to the largest, with ``like``'s layout (in/stack axes, roles, dropout).
+        The factors take the dtype that holds every slot's values exactly (JAX's promotion:
+        a bfloat16 and a float32 adapter stack as float32), so no slot is rounded."""
         fa, fb = like.factors()
         sa = like.stack_axes
-        rmax = max(a.shape[-1] for a, _, _ in (x for x in slots if x is not None))
+        given = [x for x in slots if x is not None]
+        rmax = max(a.shape[-1] for a, _, _ in given)
+        a_dtype = jnp.result_type(*(a.dtype for a, _, _ in given))
+        b_dtype = jnp.result_type(*(b.dtype for _, b, _ in given))
         a_list, b_list, scales = [], [], []
         for slot in slots:
             if slot is None:
-                a = jnp.zeros(fa.shape[:-1] + (rmax,), fa.dtype)
-                b = jnp.zeros(fb.shape[:sa] + (rmax,) + fb.shape[sa + 1:], fb.dtype)
+                a = jnp.zeros(fa.shape[:-1] + (rmax,), a_dtype)
+                b = jnp.zeros(fb.shape[:sa] + (rmax,) + fb.shape[sa + 1:], b_dtype)
                 scale = 1.0
             else:
                 a, b, scale = slot
                 pad = rmax - a.shape[-1]
                 a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
                 b = jnp.pad(b, [(0, 0)] * sa + [(0, pad)] + [(0, 0)] * (b.ndim - sa - 1))
-            a_list.append(a.astype(fa.dtype))
-            b_list.append(b.astype(fb.dtype))
+            a_list.append(a.astype(a_dtype))
+            b_list.append(b.astype(b_dtype))
             scales.append(float(scale))
         return cls(a=jnp.stack(a_list), b=jnp.stack(b_list),
                    scales=jnp.asarray(scales, jnp.float32), names=tuple(names),
@@ -188,18 +193,24 @@ class StackedLora(LowRankLeaf):
           matmuls cost what one adapter costs;
         * ``"onehot"``: every slot's factors side by side, masked by the example's one-hot
           row (sglang-jax's einsum): K times the thin matmuls, no gather.
+
+        Any ``i`` outside ``0..K-1`` (``-1``, or an out-of-range id that reached here traced,
+        where it could not be checked) selects no adapter: the update is zero, the example
+        gets the base alone. It never falls back to another slot.
         """
         k, r = self.slots, self.slot_rank
         i = jnp.asarray(i, jnp.int32)
-        s = jnp.where(i >= 0, lax.stop_gradient(self.scales)[jnp.clip(i, 0, k - 1)], 0.0)
+        scales = lax.stop_gradient(self.scales)
         if routing == "gather":
-            j = jnp.clip(i, 0, k - 1)
-            a = self.a[j] * s.astype(self.a.dtype)
+            valid = (i >= 0) & (i < k)
+            j = jnp.clip(i, 0, k - 1)  # a safe index; the slot is masked out unless valid
+            s = jnp.where(valid, scales[j], 0.0).astype(self.a.dtype)
+            a = jnp.where(valid, self.a[j] * s, jnp.zeros((), self.a.dtype))
             b = self.b[j]
             rank = r
         elif routing == "onehot":
-            oh = jax.nn.one_hot(i, k, dtype=self.a.dtype) * lax.stop_gradient(self.scales).astype(
-                self.a.dtype)
+            # one_hot is all zero for an id outside 0..K-1: no slot contributes.
+            oh = jax.nn.one_hot(i, k, dtype=self.a.dtype) * scales.astype(self.a.dtype)
             a = self.a * oh.reshape((k,) + (1,) * (self.a.ndim - 1))
             a = jnp.moveaxis(a, 0, -2)
             a = a.reshape(a.shape[:-2] + (k * r,))

@@ -10,10 +10,20 @@ interact (attention within an example, a KV cache, ``scan`` over layers, remat),
 ``jit``, ``grad`` and an outer ``vmap``; and the ids are data, so one trace serves every
 assignment of adapters to rows.
 
-Batch axes: each array argument's axis of size ``len(ids)`` (the leading one if it fits,
-else the only one), or ``batch_axes=``, a prefix of ``(args, kwargs)`` as ``vmap``'s
-``in_axes`` (``None``: shared by all rows). Outputs are put back with the batch axis where
-``fn`` itself puts it (found by comparing with ``fn``'s output for the whole batch).
+Batch axes: each array argument whose leading axis has size ``len(ids)`` is batched along
+it; one with no axis of that size is shared by all rows. An argument that has the size only
+on another axis is refused (8 ids for a batch of 2 with 8 features would otherwise batch the
+features): pass ``batch_axes=``, a prefix of ``(args, kwargs)`` as ``vmap``'s ``in_axes``
+(``None``: shared by all rows), when the batch is not the leading axis. Outputs are put back
+with the batch axis where ``fn`` itself puts it (found by comparing with ``fn``'s output for
+the whole batch).
+
+Ids (:func:`lora_jax.multi.adapter_ids`): one per row; concrete ones are checked (range
+``[-1, K)``, names, integer dtype). Traced ids (under ``jit``) cannot be: a row whose id is
+outside ``[-1, K)`` gets the base alone (its adapter update is masked to zero, in every
+routing), never another adapter's factors. To have such ids raise instead, wrap the jitted
+function in ``jax.experimental.checkify.checkify`` (the range is a ``checkify.debug_check``
+in :func:`lora_jax.multi.adapter_ids`, a no-op otherwise) and call ``err.throw()``.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import numpy as np
 from lora_jax import paths as P
 from lora_jax import protocols
 from lora_jax.leaves import is_lowrank, leaves
+from lora_jax.multi.leaf import ROUTINGS
 from lora_jax.multi.stack import adapter_ids as resolve_ids
 from lora_jax.multi.stack import is_stacked
 
@@ -35,14 +46,15 @@ def _is_array(x) -> bool:
 
 def _infer_axis(path: str, x, n: int) -> int | None:
     shape = tuple(np.shape(x))
-    hits = [d for d, s in enumerate(shape) if s == n]
-    if not hits:
-        return None
-    if hits[0] == 0 or len(hits) == 1:
-        return hits[0]
-    raise ValueError(f"apply: argument {path!r} of shape {shape} has several axes {hits} of "
-                     f"size {n} = len(adapter_ids) and none leads; pass batch_axes= "
-                     "(a prefix of (args, kwargs), as vmap's in_axes)")
+    if shape and shape[0] == n:
+        return 0
+    if n in shape[1:]:
+        raise ValueError(
+            f"apply: {n} adapter_ids, but argument {path!r} of shape {shape} has {shape[0]} "
+            f"rows on its leading axis (size {n} only on axis {shape.index(n, 1)}); pass one "
+            "id per row, or batch_axes= (a prefix of (args, kwargs), as vmap's in_axes) if "
+            "the batch is not the leading axis")
+    return None
 
 
 def _axes(args, kwargs, n: int, batch_axes) -> list:
@@ -51,9 +63,9 @@ def _axes(args, kwargs, n: int, batch_axes) -> list:
         axes = [(_infer_axis(P.path_str(kp), x, n) if _is_array(x) else None) for kp, x in pairs]
         if all(a is None for a in axes):
             shapes = [f"{P.path_str(kp)}: {tuple(np.shape(x))}" for kp, x in pairs if _is_array(x)]
-            raise ValueError(f"apply: cannot find the batch axis: no argument has an axis of "
-                             f"size {n} = len(adapter_ids) (arguments {shapes}); pass "
-                             "batch_axes=")
+            raise ValueError(f"apply: cannot find the batch axis: no argument has a leading "
+                             f"axis of size {n} = len(adapter_ids) (arguments {shapes}); pass "
+                             "one id per row, or batch_axes=")
         return axes
     is_ax = lambda x: x is None or isinstance(x, int)  # noqa: E731
     try:
@@ -66,9 +78,11 @@ def _axes(args, kwargs, n: int, batch_axes) -> list:
     for (kp, x), ax in zip(pairs, axes):
         if ax is not None and (not _is_array(x) or not -np.ndim(x) <= ax < np.ndim(x)
                                or np.shape(x)[ax] != n):
+            size = (np.shape(x)[ax] if _is_array(x) and -np.ndim(x) <= ax < np.ndim(x)
+                    else "no such axis")
             raise ValueError(f"apply: batch_axes gives axis {ax} for {P.path_str(kp)!r} of "
-                             f"shape {tuple(np.shape(x))}, which is not of size {n} = "
-                             "len(adapter_ids)")
+                             f"shape {tuple(np.shape(x))} (size: {size}), but there are {n} "
+                             "adapter_ids: one per row is needed")
     return [None if ax is None else ax % np.ndim(x) for (_, x), ax in zip(pairs, axes)]
 
 
@@ -89,6 +103,8 @@ def run(core_run, fn, base, lora, args, kwargs, *, adapter_ids, batch_axes=None,
     lmap = leaves(lora)
     if not any(is_stacked(x) for x in lmap.values()):
         raise TypeError("apply: adapter_ids= needs a stack of adapters (lora_jax.stack)")
+    if routing not in ROUTINGS:
+        raise ValueError(f"apply: routing must be one of {ROUTINGS}, got {routing!r}")
     ids = resolve_ids(lora, adapter_ids)
     n = ids.shape[0]
     pairs, treedef = jax.tree.flatten((args, kwargs))

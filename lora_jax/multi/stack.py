@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from lora_jax.leaves import from_leaves, is_lowrank, leaves
 from lora_jax.multi.leaf import StackedLora
@@ -52,8 +53,15 @@ def names(tree: PyTree) -> tuple[str, ...]:
 
 def _named(adapters) -> dict[str, PyTree]:
     if isinstance(adapters, Mapping):
-        out = {str(k): v for k, v in adapters.items()}
-    elif isinstance(adapters, Sequence):
+        out: dict[str, PyTree] = {}
+        keys: dict[str, Any] = {}
+        for k, v in adapters.items():
+            name = str(k)
+            if name in out:
+                raise ValueError(f"stack: adapter names {keys[name]!r} and {k!r} are both "
+                                 f"{name!r} as strings (slot names); give them distinct names")
+            out[name], keys[name] = v, k
+    elif isinstance(adapters, Sequence) and not isinstance(adapters, str):
         out = {str(i): v for i, v in enumerate(adapters)}
     else:
         raise TypeError(f"stack: adapters must be a dict {{name: LoRA tree}} or a list, got a "
@@ -81,16 +89,20 @@ def stack(adapters: Mapping[str, PyTree] | Sequence[PyTree]) -> PyTree:
     """One tree holding K adapters for the same base (ranks zero-padded to the largest).
 
     Args:
-      adapters: ``{name: LoRA tree}`` (or a list: names ``"0"``, ``"1"``, ...). Every tree
-        holds adapter leaves (LoRA, or any kind whose update is ``scale·A·B``) of the same
-        layout at a path; a path one adapter lacks is a zero slot for it.
+      adapters: ``{name: LoRA tree}`` (or a list: names ``"0"``, ``"1"``, ...); names are
+        converted to ``str`` and must stay distinct. Every tree holds adapter leaves (LoRA,
+        or any kind whose update is ``scale·A·B``) of the same layout at a path; a path one
+        adapter lacks is a zero slot for it. Adapters of different dtypes stack in the
+        dtype that holds them all exactly (bfloat16 with float32: float32), so every slot
+        keeps its adapter's values.
 
     Returns:
       A LoRA tree of :class:`StackedLora` leaves; run it with
       ``apply(fn)(base, stack, *args, adapter_ids=ids)``.
 
     Raises:
-      ValueError: adapters disagree on a path's kernel shape or layout (naming both).
+      ValueError: adapters disagree on a path's kernel shape or layout (naming both), two
+        names are equal as strings (``1`` and ``"1"``), or a name is ``"__base__"``.
     """
     named = _named(adapters)
     per = {n: leaves(t) for n, t in named.items()}
@@ -142,12 +154,14 @@ def remove(tree: PyTree, name: str) -> PyTree:
     return _map_stacked(tree, lambda x: x.keep_slots([i for i in range(len(ns)) if i != k]))
 
 
-def add(tree: PyTree, name: str, lora: PyTree) -> PyTree:
-    """The stack with ``lora`` added as a new last slot ``name`` (the padded rank grows if
-    ``lora``'s rank is larger)."""
-    if name in names(tree):
-        raise ValueError(f"add: the stack already has {name!r}; use replace")
-    return stack({**unstack_untrimmed(tree), name: lora})
+def add(tree: PyTree, name: Any, lora: PyTree) -> PyTree:
+    """The stack with ``lora`` added as a new last slot ``name`` (a string, as
+    :func:`stack`'s names; the padded rank grows if ``lora``'s rank is larger, the dtype is
+    promoted if ``lora``'s needs it)."""
+    key = f"{name}"
+    if key in names(tree):
+        raise ValueError(f"add: the stack already has {key!r}; use replace")
+    return stack({**unstack_untrimmed(tree), key: lora})
 
 
 def unstack_untrimmed(tree: PyTree) -> dict[str, PyTree]:
@@ -163,8 +177,10 @@ def replace(tree: PyTree, name: str, lora: PyTree) -> PyTree:
     retrace.
 
     Raises:
-      ValueError: ``lora`` has a path the stack lacks, a layout that differs, or a rank
-        above the padded rank (use :func:`remove` and :func:`add`, which re-pad).
+      ValueError: ``lora`` has a path the stack lacks, a layout that differs, a rank
+        above the padded rank, or a dtype the stack's cannot hold exactly (a float32
+        adapter in a bfloat16 stack; use :func:`remove` and :func:`add`, which re-pad and
+        promote).
     """
     ns = names(tree)
     if name not in ns:
@@ -186,35 +202,118 @@ def replace(tree: PyTree, name: str, lora: PyTree) -> PyTree:
         if (leaf.in_axes, leaf.stack_axes, leaf.layout) != (x.in_axes, x.stack_axes, x.layout):
             raise ValueError(f"replace: {path!r} has layout {leaf.layout!r}, the stack "
                              f"{x.layout!r}")
+        require_linear(leaf, name, path, "replace")
+        fa, fb = leaf.factors()
+        for f, have in ((fa, x.a.dtype), (fb, x.b.dtype)):
+            if jnp.result_type(f.dtype, have) != have:
+                raise ValueError(f"replace: {name!r}'s new adapter at {path!r} is {f.dtype}, "
+                                 f"which the stack's {have} would round; use remove and add "
+                                 "(the stack is promoted to hold both)")
         try:
-            out[path] = x.set_slot(k, *leaf.factors(), leaf.scale)
+            out[path] = x.set_slot(k, fa, fb, leaf.scale)
         except ValueError as e:
             raise ValueError(f"replace: {path!r}: {e}") from None
     return from_leaves(out)
 
 
+def _slot_error(bad: list[tuple[int, Any]], ns: tuple[str, ...]) -> IndexError:
+    rows = [r for r, _ in bad]
+    ids = [i for _, i in bad]
+    return IndexError(
+        f"adapter_ids: {ids} (at rows {rows}) are not slots of this stack of K={len(ns)} "
+        f"adapters {list(ns)}: ids are 0..{len(ns) - 1}, or -1 / None / {BASE!r} for the base "
+        "alone")
+
+
+def _check_range(values: np.ndarray, ns: tuple[str, ...]) -> None:
+    bad = np.nonzero((values < -1) | (values >= len(ns)))[0]
+    if bad.size:
+        raise _slot_error([(int(r), int(values[r])) for r in bad[:8]], ns)
+
+
+def _id_of(row: int, i: Any, ns: tuple[str, ...]) -> int | str:
+    """One concrete id as a slot index, or the name itself if the stack lacks it."""
+    if i is None or (isinstance(i, str) and i == BASE):
+        return -1
+    if isinstance(i, str):
+        return ns.index(i) if i in ns else i
+    if isinstance(i, jax.core.Tracer):
+        raise TypeError(f"adapter_ids: row {row} is a traced value; under jit pass the ids as "
+                        "one (batch,) integer array (multi.adapter_ids(stack, names))")
+    if isinstance(i, (jax.Array, np.ndarray, np.generic)) and np.ndim(i) == 0:
+        i = np.asarray(i)
+        if np.issubdtype(i.dtype, np.integer):
+            return int(i)
+        kind = str(i.dtype)
+    elif isinstance(i, (int, np.integer)) and not isinstance(i, bool):
+        return int(i)
+    else:
+        kind = type(i).__name__
+    raise TypeError(f"adapter_ids: row {row} is {i!r} of type {kind}; an id is an integer slot "
+                    f"index, an adapter name, or -1 / None / {BASE!r} for the base alone")
+
+
+def _traced_ids(ids: jax.Array, k: int) -> jax.Array:
+    """Traced ids as int32, every id outside ``[-1, K)`` made ``-1`` (the base alone) before
+    the cast, so that no wide or unsigned id wraps round to a slot; a ``checkify`` check."""
+    if jnp.issubdtype(ids.dtype, jnp.unsignedinteger):
+        valid = ids < k
+    else:
+        valid = (ids >= -1) & (ids < k)
+    checkify.debug_check(jnp.all(valid), f"adapter_ids {{ids}} has ids outside [-1, {k}) for a "
+                         f"stack of K={k} adapters; those rows got the base alone", ids=ids)
+    return jnp.where(valid, ids.astype(jnp.int32), jnp.int32(-1))
+
+
 def adapter_ids(tree: PyTree, ids: Any) -> jax.Array:
-    """Per-example slot indices: names (or ints) to an int32 array; ``"__base__"``, ``None``
-    and ``-1`` are the base alone. Arrays pass through (they may be traced)."""
-    if isinstance(ids, (jax.Array, np.ndarray)):
+    """Per-example slot indices: one id per row (a list, a tuple or a ``(batch,)`` array)
+    to an int32 ``(batch,)`` array. An id is an adapter name or an integer slot in
+    ``0..K-1``; ``"__base__"``, ``None`` and ``-1`` are the base alone.
+
+    Concrete ids are checked: an id outside ``[-1, K)``, a name the stack lacks, a non-integer
+    id (a float, a bool) or a single id instead of one per row raises, naming the ids and
+    their rows. A traced array (under ``jit``) can only be checked for its dtype and shape;
+    a row whose traced id is outside ``[-1, K)`` gets the base alone (its adapter update is
+    masked to zero, :meth:`StackedLora.select`), never another adapter.
+
+    Raises:
+      IndexError: integer ids outside ``[-1, K)``.
+      KeyError: names not in the stack (listing the names it has).
+      TypeError: a scalar, a float/bool id or array, or an array that is not ``(batch,)``.
+    """
+    ns = names(tree)
+    if isinstance(ids, jax.core.Tracer):
         if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.ndim != 1:
             raise TypeError(f"adapter_ids: expected a (batch,) integer array, got "
                             f"{ids.dtype}{list(ids.shape)}")
-        return jnp.asarray(ids, jnp.int32)
-    ns = names(tree)
-    out = []
-    for i in ids:
-        if i is None or i == BASE:
-            out.append(-1)
-        elif isinstance(i, str):
-            if i not in ns:
-                raise KeyError(f"adapter_ids: no adapter {i!r}; the stack has {list(ns)} "
-                               f"(and {BASE!r})")
-            out.append(ns.index(i))
+        return _traced_ids(ids, len(ns))
+    if isinstance(ids, (jax.Array, np.ndarray, np.generic)):
+        values = np.asarray(ids)
+        if values.dtype.kind in "UO" and values.ndim == 1:
+            ids = values.tolist()  # names: checked one by one below
+        elif values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+            what = "a single id" if values.ndim == 0 else f"{values.dtype}{list(values.shape)}"
+            raise TypeError(f"adapter_ids: expected one integer id per row, a (batch,) integer "
+                            f"array, got {what}" + (
+                                " (float or bool ids are not slot indices)"
+                                if values.ndim == 1 else ""))
         else:
-            j = int(i)
-            if not -1 <= j < len(ns):
-                raise IndexError(f"adapter_ids: {j} is not a slot of a stack of {len(ns)} "
-                                 "(-1: base only)")
-            out.append(j)
+            _check_range(values, ns)
+            return jnp.asarray(values, jnp.int32)
+    if isinstance(ids, (str, int, float, np.generic)) or not isinstance(ids, (Sequence,)):
+        raise TypeError(
+            f"adapter_ids: expected one id per row (a list, tuple or (batch,) array), got "
+            f"{ids!r}; for the same adapter on every row pass [{ids!r}] * batch (or run "
+            "lora_jax.unstack(stack)[name] without adapter_ids)")
+    if len(ids) == 0:
+        raise ValueError("adapter_ids: no ids given (one per row is needed)")
+    out = [_id_of(row, i, ns) for row, i in enumerate(ids)]
+    missing = [(row, i) for row, i in enumerate(out) if isinstance(i, str)]
+    if missing:
+        raise KeyError(f"adapter_ids: no adapter {missing[0][1]!r} (rows "
+                       f"{[r for r, _ in missing][:8]}: {[i for _, i in missing][:8]}); the "
+                       f"stack has {list(ns)} (and {BASE!r})")
+    bad = [(row, i) for row, i in enumerate(out) if not -1 <= int(i) < len(ns)]
+    if bad:
+        raise _slot_error(bad[:8], ns)
     return jnp.asarray(out, jnp.int32)

@@ -60,6 +60,10 @@ def apply(
       With a stack of adapters (:func:`lora_jax.stack`) as ``lora``, pass
       ``adapter_ids=`` (one slot index or name per example, ``-1``/``"__base__"``: the base
       alone), optionally ``batch_axes=`` and ``routing=`` (:mod:`lora_jax.multi.routing`).
+      Concrete ids are checked (a single id instead of one per row, float or bool ids, ids
+      outside ``[-1, K)`` and names the stack lacks raise: :func:`lora_jax.multi.adapter_ids`);
+      traced ids under ``jit`` cannot be, and a row whose id is outside ``[-1, K)`` gets the
+      base alone.
       Python scalars and other non-array arguments are static (closed over when tracing).
     """
     if mode not in ("fast", "merged"):
@@ -70,14 +74,18 @@ def apply(
 
     @functools.wraps(fn)
     def wrapped(base, lora, *args, lora_rng=None, adapter_ids=None, batch_axes=None,
-                routing="gather", **kwargs):
+                routing=None, **kwargs):
         if adapter_ids is not None:  # a stack of adapters, one per example
             from lora_jax.multi import routing as R
 
             return R.run(run, fn, base, lora, args, kwargs, adapter_ids=adapter_ids,
-                         batch_axes=batch_axes, routing=routing, rng=lora_rng, strict=strict,
-                         mode=mode, modules_to_save=modules_to_save, bias=bias,
+                         batch_axes=batch_axes,
+                         routing="gather" if routing is None else routing, rng=lora_rng,
+                         strict=strict, mode=mode, modules_to_save=modules_to_save, bias=bias,
                          compute_dtype=compute_dtype)
+        if batch_axes is not None or routing is not None:
+            raise TypeError("apply: batch_axes= and routing= route a stack of adapters per "
+                            "example and need adapter_ids= (one id per example)")
         return run(fn, base, lora, args, kwargs, rng=lora_rng, strict=strict, mode=mode,
                     modules_to_save=modules_to_save, bias=bias, compute_dtype=compute_dtype)
 
