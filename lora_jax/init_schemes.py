@@ -138,6 +138,15 @@ def require_shared_base(leaf: Any, name: str, path: str, where: str) -> None:
             "gives a plain model to use as the base")
 
 
+def peft_residual_init(value: Any) -> str:
+    """The registered base-changing scheme a PEFT config's ``init_lora_weights`` names
+    (``"pissa"``, ``"pissa_niter_4"``, ``"olora"``), or ``""``."""
+    if not isinstance(value, str):
+        return ""
+    scheme = _SCHEMES.get(value.split("_")[0])
+    return scheme.name if scheme is not None and scheme.changes_base else ""
+
+
 # ----------------------------------------------------------------------------------------
 # The built-in schemes
 

@@ -259,3 +259,26 @@ def test_combine_refuses_an_adapter_on_its_own_base():
     pissa = lora_jax.init(params, R, key=jax.random.key(4), init="pissa")
     with pytest.raises(ValueError, match="combine: adapter 'p' .* init='pissa'"):
         lora_jax.multi.combine({"plain": plain, "p": pissa}, [0.5, 0.5])
+
+
+@pytest.mark.parametrize("name", ["pissa", "olora"])
+def test_the_recorded_init_survives_a_peft_round_trip(tmp_path, name):
+    # PEFT writes init_lora_weights="pissa"/"olora" for such adapters (its loader rebuilds the
+    # residual base from the model); loading one back records it again.
+    _, params = _linen()
+    lora = lora_jax.init(params, R, key=jax.random.key(3), init=name)
+    with pytest.warns(UserWarning, match="only correct on the base weights"):
+        cfg = lora_jax.peft.save(tmp_path, lora)
+    assert cfg["init_lora_weights"] == name
+    with pytest.warns(UserWarning, match="only correct on the base weights"):
+        back = lora_jax.peft.load(tmp_path, params)
+    assert {x.residual_init for x in lora_jax.lora.leaves(back).values()} == {name}
+    with pytest.raises(ValueError, match=f"init={name!r}, which changed the base"):
+        lora_jax.stack({"x": back})
+    plain = lora_jax.init(params, R, key=jax.random.key(3))
+    assert lora_jax.peft.save(tmp_path / "plain", plain)["init_lora_weights"] is True
+    mixed = {**lora_jax.lora.leaves(plain), "params/Dense_1/kernel":
+             lora_jax.lora.leaves(lora)["params/Dense_1/kernel"]}
+    with pytest.raises(ValueError, match="save: PEFT has one init_lora_weights .* different "
+                                         r"bases \['', '" + name):
+        lora_jax.peft.save(tmp_path / "mixed", lora_jax.lora.from_leaves(mixed))
