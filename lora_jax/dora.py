@@ -11,6 +11,13 @@ dW-free backward) followed by a per-output-unit rescale ``m / ‖V‖``; the nor
 ``‖W0‖² + 2s·⟨W0, A·B⟩ + s²·‖A·B‖²`` per output unit, with only thin matmuls beside the
 frozen weight (no second kernel-sized array).
 
+A unit whose ``V`` is zero (a pruned or zero-initialised output column with no update yet)
+would divide 0 by 0. Here the norm is clamped, ``max(‖V‖, NORM_EPS)``, in the fast path, the
+merged kernel, :func:`lora_jax.merge` and :func:`unmerge`: such a unit outputs zero (its
+magnitude starts at 0 too) and every gradient stays finite (zero for that unit, so it stays
+off while ``m`` is 0); other units are unaffected. (PEFT divides by the norm itself and gives
+NaN there.)
+
 >>> import jax, jax.numpy as jnp, lora_jax
 >>> w = jax.random.normal(jax.random.key(0), (6, 4))
 >>> lora = lora_jax.init({"kernel": w}, r=2, key=jax.random.key(1), dora=True)
@@ -22,6 +29,7 @@ frozen weight (no second kernel-sized array).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -36,6 +44,9 @@ from lora_jax.leaves import AlphaScaled, LoraWeight, LowRankLeaf, from_leaves, l
 
 PyTree = Any
 
+#: The smallest norm DoRA divides by: ``m / max(‖V‖, NORM_EPS)`` per output unit.
+NORM_EPS = 1e-12
+
 
 @struct.dataclass
 class DoraWeight(AlphaScaled, LowRankLeaf):
@@ -46,7 +57,8 @@ class DoraWeight(AlphaScaled, LowRankLeaf):
       b: ``(*stack, r, *out_dims)`` factor (PEFT's ``lora_B.weight`` transposed; zeros at init).
       m: ``(*stack, *out_dims)`` magnitude (PEFT's ``lora_magnitude_vector``); at init the
         base kernel's norms per output unit, so the model starts unchanged.
-      alpha, rslora, in_axes, stack_axes, dropout, roles: as :class:`lora_jax.LoraWeight`.
+      alpha, rslora, in_axes, stack_axes, dropout, roles, residual_init: as
+        :class:`lora_jax.LoraWeight`.
     """
 
     a: jax.Array
@@ -58,6 +70,7 @@ class DoraWeight(AlphaScaled, LowRankLeaf):
     stack_axes: int = struct.field(pytree_node=False, default=0)
     dropout: float = struct.field(pytree_node=False, default=0.0)
     roles: str = struct.field(pytree_node=False, default="")
+    residual_init: str = struct.field(pytree_node=False, default="")
 
     kind: ClassVar[str] = "DoRA"
     peft_config: ClassVar[dict[str, Any]] = {"use_dora": True}
@@ -81,7 +94,8 @@ class DoraWeight(AlphaScaled, LowRankLeaf):
         """The plain LoRA update ``s·A·B`` of this adapter (before the rescale)."""
         return LoraWeight(a=self.a, b=self.b, alpha=self.alpha, rslora=self.rslora,
                           in_axes=self.in_axes, stack_axes=self.stack_axes,
-                          dropout=self.dropout, roles=self.roles)
+                          dropout=self.dropout, roles=self.roles,
+                          residual_init=self.residual_init)
 
     def _units(self, x: jax.Array, order) -> jax.Array:
         """``x`` ``(*stack, *out)`` broadcastable against the kernel in axis ``order``
@@ -101,8 +115,8 @@ class DoraWeight(AlphaScaled, LowRankLeaf):
         v = super().merged(w, order)
         want = tuple(range(v.ndim)) if order is None else tuple(order)
         ins = tuple(j for j, k in enumerate(want) if self.layout[k] == Lay.IN)
-        norm = lax_stop(jnp.sqrt(jnp.sum(jnp.square(v), axis=ins, keepdims=True)))
-        return v * (self._units(self.m, order).astype(v.dtype) / norm)
+        norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=ins, keepdims=True))
+        return v * (self._units(self.m, order).astype(v.dtype) / _clamped(norm))
 
     def unmerged(self, w: jax.Array) -> jax.Array:
         raise ValueError(
@@ -114,11 +128,16 @@ class DoraWeight(AlphaScaled, LowRankLeaf):
         """``m / ‖W0 + s·A·B‖`` ``(*stack, *out)`` for a dense base ``w0`` (kernel order),
         the norm (constant under differentiation) from ``‖W0‖² + 2s·⟨W0, AB⟩ + s²·‖AB‖²``:
         a reduction over ``w0`` and thin matmuls, no second kernel-sized array."""
-        return self.m / lax_stop(_norm(self, w0))
+        return self.m / _clamped(_norm(self, w0))
 
 
 def lax_stop(x):
     return jax.lax.stop_gradient(x)
+
+
+def _clamped(norm: jax.Array) -> jax.Array:
+    """``max(‖V‖, NORM_EPS)``, a constant under differentiation."""
+    return lax_stop(jnp.maximum(norm, NORM_EPS))
 
 
 def _norm(leaf: DoraWeight, w0: jax.Array) -> jax.Array:
@@ -156,7 +175,7 @@ def _meta(leaf: LowRankLeaf) -> dict[str, Any]:
     hp = leaf.hparams()
     return dict(alpha=float(hp.get("alpha", leaf.scale * leaf.r)), rslora=bool(hp.get("rslora")),
                 in_axes=leaf.in_axes, stack_axes=leaf.stack_axes, dropout=leaf.dropout,
-                roles=leaf.roles)
+                roles=leaf.roles, residual_init=getattr(leaf, "residual_init", ""))
 
 
 def from_lora(leaf: LowRankLeaf, w0: Any, m: jax.typing.ArrayLike | None = None,
@@ -184,7 +203,12 @@ def norms(base: PyTree, lora: PyTree) -> dict[str, jax.Array]:
 def unmerge(merged: PyTree, lora: PyTree, norms: dict[str, jax.Array]) -> PyTree:
     """The base of ``merged = lora_jax.merge(base, lora)`` for a tree with DoRA leaves:
     ``W0 = W' · ‖V‖ / m − s·A·B`` (PEFT ``DoraLinearVariant.unmerge``); ``norms`` from
-    :func:`norms` (plain LoRA leaves are unmerged as usual).
+    :func:`norms` (plain LoRA leaves are unmerged as usual). A unit with ``‖V‖ = 0`` comes
+    back as ``−s·A·B``; one with ``m = 0`` and ``‖V‖ > 0`` cannot come back (an error).
+
+    Raises:
+      ValueError: ``lora`` does not fit ``merged``; ``norms`` lacks a DoRA path, has a path
+        that is not one, or a norm of the wrong shape (naming the path and both shapes).
 
     >>> import jax, jax.numpy as jnp, lora_jax
     >>> base = {"kernel": jax.random.normal(jax.random.key(0), (6, 4))}
@@ -200,17 +224,39 @@ def unmerge(merged: PyTree, lora: PyTree, norms: dict[str, jax.Array]) -> PyTree
     lmap = leaves(lora)
     plain = from_leaves({p: x for p, x in lmap.items() if not isinstance(x, DoraWeight)})
     targets = check_fits(merged, lora, where="dora.unmerge")
+    if not isinstance(norms, Mapping):
+        raise TypeError(f"dora.unmerge: norms must be the dict from dora.norms(base, lora), got "
+                        f"a {type(norms).__name__}")
+    dora_paths = {p for p, x in lmap.items() if isinstance(x, DoraWeight)}
+    extra = sorted(set(norms) - dora_paths)
+    if extra:
+        raise ValueError(f"dora.unmerge: norms has {extra[0]!r}, which is not a DoRA adapter of "
+                         f"lora (those are {sorted(dora_paths)[:4]})")
+    for path in sorted(dora_paths):
+        if path not in norms:
+            raise ValueError(f"dora.unmerge: no norm for {path!r}; pass dora.norms(base, lora)")
+        x = lmap[path]
+        want, got = x.stack_shape + x.out_shape, tuple(jnp.shape(norms[path]))
+        if got != want:
+            raise ValueError(f"dora.unmerge: norms[{path!r}] has shape {got}, expected {want} "
+                             "(stack axes + output axes: one norm per output unit)")
     out = plain_unmerge(merged, plain) if plain else merged
 
     def f(path, w):
         x = lmap.get(path)
         if not isinstance(x, DoraWeight):
             return w
-        if path not in norms:
-            raise ValueError(f"dora.unmerge: no norm for {path!r}; pass dora.norms(base, lora)")
         wd = protocols.dense(targets[path])
         wf = wd.astype(jnp.promote_types(wd.dtype, jnp.float32))
-        v = wf * (x._units(jnp.asarray(norms[path]), None) / x._units(x.m, None))
+        n = jnp.asarray(norms[path], wf.dtype)
+        m = x.m.astype(wf.dtype)
+        lost = (m == 0) & (n > 0)  # m = 0 folded V away: the merged kernel has no trace of it
+        if not isinstance(lost, jax.core.Tracer) and bool(jnp.any(lost)):
+            raise ValueError(f"dora.unmerge: {path!r} has {int(jnp.sum(lost))} output unit(s) "
+                             "with magnitude m = 0 and a non-zero ‖V‖: the merged kernel is zero "
+                             "there and does not determine the base")
+        ratio = jnp.where(lost, jnp.nan, jnp.maximum(n, NORM_EPS) / jnp.where(m == 0, 1.0, m))
+        v = wf * x._units(ratio, None)  # V = W'·max(‖V‖, eps)/m; zero where ‖V‖ = 0
         return (v - x.delta()).astype(wd.dtype)
 
     return P.map_with_path(f, out)

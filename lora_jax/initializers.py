@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax import dora as dora_mod
+from lora_jax import init_schemes as schemes
 from lora_jax import layouts as Lay
 from lora_jax import paths as P
 from lora_jax import protocols
@@ -26,7 +27,8 @@ from lora_jax.targets import resolve_targets
 PyTree = Any
 
 
-INIT_SCHEMES = ("default", "gaussian", "pissa", "olora", "zeros")
+#: The init schemes registered when the library loads (all of them: ``init_schemes.names()``).
+INIT_SCHEMES = schemes.names()
 
 
 def init(
@@ -61,13 +63,15 @@ def init(
       exclude: regex or list of regexes removed from the targets.
       rules: :class:`Rule` list with per-module rank/alpha; the first matching rule wins.
         Without ``targets``, only kernels matched by some rule are adapted.
-      init: ``"default"`` (PEFT: A kaiming-uniform with a=sqrt(5), B zeros), ``"gaussian"``
-        (PEFT: A ~ N(0, (1/r)^2), B zeros), ``"pissa"`` (A, B from the top-r SVD of the
-        kernel; use ``unmerge(params, lora)`` as the frozen base so the model is unchanged),
-        ``"olora"`` (PEFT's OLoRA: ``A = Rᵣ``, ``B = Qᵣ`` from the QR decomposition of the
-        PyTorch-layout ``(out, in)`` kernel; use ``unmerge(params, lora)`` as the base, which
-        is PEFT's adjusted ``W - scale·B·A``), or ``"zeros"`` (both zero; for tests and
-        loading).
+      init: a scheme of :mod:`lora_jax.init_schemes`: ``"default"`` (PEFT: A kaiming-uniform
+        with a=sqrt(5), B zeros), ``"gaussian"`` (PEFT: A ~ N(0, (1/r)^2), B zeros),
+        ``"pissa"`` (A, B from the top-r SVD of the kernel), ``"olora"`` (PEFT's OLoRA:
+        ``A = Rᵣ``, ``B = Qᵣ`` from the QR decomposition of the PyTorch-layout ``(out, in)``
+        kernel), or ``"zeros"`` (both zero; for tests and loading). PiSSA and OLoRA change
+        the base: use ``init_schemes.residual_base(params, lora)`` (``W − s·A·B``, PEFT's
+        adjusted base; ``unmerge(params, lora)`` without DoRA) as the frozen base so the
+        model starts unchanged; they need dense kernels. ``"loftq"`` builds a quantized base
+        with the factors: call :func:`lora_jax.loftq.init`.
       rslora: scale by ``alpha/sqrt(r)`` instead of ``alpha/r``.
       dtype: dtype of the factors (float32 by default, whatever the base dtype).
       in_axes: number of leading kernel axes that are the input, as an int or
@@ -84,7 +88,8 @@ def init(
 
     Raises:
       ValueError: a pattern matches nothing, a rank exceeds ``min(in, out)``, a kernel has
-        NaN/Inf, or an unknown init scheme. TypeError: a non-float target.
+        NaN/Inf, an unknown init scheme (listing the registered ones), ``"loftq"``, or a
+        decomposing scheme on a quantized kernel. TypeError: a non-float target.
 
     >>> import jax, jax.numpy as jnp, lora_jax
     >>> p = {"attn": {"q": {"kernel": jnp.ones((8, 8))}}, "mlp": {"kernel": jnp.ones((8, 4))}}
@@ -93,8 +98,10 @@ def init(
     >>> sorted(lora_jax.lora.leaves(lora)), lora["attn"]["q"]["kernel"].scale
     (['attn/q/kernel'], 2.0)
     """
-    if init not in INIT_SCHEMES:
-        raise ValueError(f"unknown init scheme {init!r}; expected one of {INIT_SCHEMES}")
+    scheme = schemes.get(init, "init")
+    if scheme.factors is None:
+        raise ValueError(f"init: init={init!r} builds the base together with the factors; call "
+                         f"{scheme.builder}(params, ...), which returns (base, lora)")
     r, alpha, dropout, in_axes, stack_axes = V.init_args(
         "init", params, r, key, alpha, targets, exclude, rules, dtype, dropout, in_axes,
         stack_axes, layouts=layouts)
@@ -104,46 +111,32 @@ def init(
     )
     out: dict[str, LowRankLeaf] = {}
     for path, s in spec.items():
+        if not scheme.quantized_base and protocols.is_base_leaf(s["leaf"]):
+            raise ValueError(
+                f"init: init={init!r} decomposes the dense kernel, but {path!r} is quantized: "
+                "run it on the dense params, then quantize the residual base "
+                "(lora_jax.init_schemes.residual_base(params, lora))")
         k = P.path_key(key, path)
-        out[path] = _init_leaf(k, s, init, rslora, dtype, dropout, path)
+        out[path] = _init_leaf(k, s, scheme, rslora, dtype, dropout, path)
         if dora:  # m: the norms of the adapted kernel, so the model starts unchanged
             w0 = protocols.dense(s["leaf"], jnp.float32)
-            if init in ("pissa", "olora"):  # these go with the residual base
+            if scheme.changes_base:  # the adapted kernel is the residual base's
                 w0 = out[path].unmerged(w0)
             out[path] = dora_mod.from_lora(out[path], w0, dtype=dtype)
     return from_leaves(out)
 
 
-def _init_leaf(key, s, scheme, rslora, dtype, dropout, path) -> LoraWeight:
+def _init_leaf(key, s, scheme: schemes.InitScheme, rslora, dtype, dropout, path) -> LoraWeight:
     shape, rr, roles = s["shape"], s["r"], s["roles"]
     stack, in_dims, out_dims = Lay.split(roles, shape)
-    n_in, n_out = math.prod(in_dims), math.prod(out_dims)
-    a_shape, b_shape = stack + in_dims + (rr,), stack + (rr,) + out_dims
     canonical = roles == Lay.canonical(len(shape), len(in_dims), len(stack))
-    meta = dict(alpha=s["alpha"], rslora=rslora, in_axes=len(in_dims), stack_axes=len(stack),
-                dropout=dropout, roles="" if canonical else roles)
-    if scheme == "default":
-        # torch kaiming_uniform_(a=sqrt(5)) on lora_A (r, in): bound = 1/sqrt(fan_in).
-        bound = 1.0 / math.sqrt(n_in)
-        # Drawn flat, then reshaped: one compiled sampler per size, not per shape.
-        a = jax.random.uniform(key, (math.prod(a_shape),), dtype, -bound, bound).reshape(a_shape)
-        b = jnp.zeros(b_shape, dtype)
-    elif scheme == "gaussian":
-        a = jax.random.normal(key, (math.prod(a_shape),), dtype).reshape(a_shape) / rr  # PEFT
-        b = jnp.zeros(b_shape, dtype)
-    elif scheme == "zeros":
-        a, b = jnp.zeros(a_shape, dtype), jnp.zeros(b_shape, dtype)
-    elif scheme == "olora":  # Büyükakyüz 2024; PEFT LoraLayer.olora_init on (out, in)
-        w = jnp.transpose(protocols.dense(s["leaf"], jnp.float32), Lay.to_canonical(roles))
-        wt = jnp.swapaxes(w.reshape(stack + (n_in, n_out)), -1, -2)  # torch's (out, in)
-        q, rr_ = jnp.linalg.qr(wt)  # q (out, k), r (k, in)
-        a = jnp.swapaxes(rr_[..., :rr, :], -1, -2).reshape(a_shape).astype(dtype)
-        b = jnp.swapaxes(q[..., :, :rr], -1, -2).reshape(b_shape).astype(dtype)
-    else:  # pissa (Meng et al. 2024; PEFT init_lora_weights="pissa")
-        w = jnp.transpose(protocols.dense(s["leaf"], jnp.float32), Lay.to_canonical(roles))
-        u, sv, vt = jnp.linalg.svd(w.reshape(stack + (n_in, n_out)), full_matrices=False)
-        tmp = LoraWeight(a=jnp.zeros(a_shape), b=jnp.zeros(b_shape), **meta)
-        root = jnp.sqrt(sv[..., :rr] / tmp.scale)
-        a = (u[..., :, :rr] * root[..., None, :]).reshape(a_shape).astype(dtype)
-        b = (root[..., :, None] * vt[..., :rr, :]).reshape(b_shape).astype(dtype)
-    return LoraWeight(a=a, b=b, **meta)
+    scale = s["alpha"] / math.sqrt(rr) if rslora else s["alpha"] / rr  # as LoraWeight.scale
+    spec = schemes.LeafSpec(
+        kernel=s["leaf"], roles=roles, stack=stack, n_in=math.prod(in_dims),
+        n_out=math.prod(out_dims), r=rr, a_shape=stack + in_dims + (rr,),
+        b_shape=stack + (rr,) + out_dims, scale=scale)
+    assert scheme.factors is not None  # checked by init
+    a, b = scheme.factors(key, spec, dtype)
+    return LoraWeight(a=a, b=b, alpha=s["alpha"], rslora=rslora, in_axes=len(in_dims),
+                      stack_axes=len(stack), dropout=dropout, roles="" if canonical else roles,
+                      residual_init=scheme.name if scheme.changes_base else "")

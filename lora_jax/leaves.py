@@ -228,6 +228,9 @@ class LoraWeight(AlphaScaled, LowRankLeaf):
       dropout: dropout rate on the LoRA input path, as PEFT's ``lora_dropout`` (static).
       roles: the kernel's layout, one of ``"s"``/``"i"``/``"o"`` per kernel axis (static; see
         :mod:`lora_jax.layouts`); ``""`` means ``(*stack, *in, *out)``.
+      residual_init: the init scheme that changed the base (``"pissa"``, ``"olora"``,
+        ``"loftq"``; static): the adapter is only right on that residual base. ``""``: on
+        the model's own base (see :mod:`lora_jax.init_schemes`).
     """
 
     a: jax.Array
@@ -238,6 +241,7 @@ class LoraWeight(AlphaScaled, LowRankLeaf):
     stack_axes: int = struct.field(pytree_node=False, default=0)
     dropout: float = struct.field(pytree_node=False, default=0.0)
     roles: str = struct.field(pytree_node=False, default="")
+    residual_init: str = struct.field(pytree_node=False, default="")
 
     field_roles: ClassVar[dict[str, str]] = {"a": "in", "b": "out"}
 

@@ -108,7 +108,7 @@ def init(
                           b=jnp.zeros(stack + (s["r"],) + Lay.split(roles, s["shape"])[2], dtype),
                           alpha=s["alpha"], rslora=rslora, in_axes=len(in_dims),
                           stack_axes=len(stack), dropout=dropout,
-                          roles="" if canonical else roles)
+                          roles="" if canonical else roles, residual_init="loftq")
         order = Lay.block_order(roles) if blocks == "input" else None
         q, a, b = _loftq(jnp.asarray(s["leaf"]), leaf, num_iter, format, block_size,
                          double_quant, storage, None if order is None else tuple(order), path)

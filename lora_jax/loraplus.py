@@ -34,6 +34,7 @@ import optax
 from lora_jax import lora as L
 from lora_jax import paths as P
 from lora_jax import protocols
+from lora_jax import validation as V
 from lora_jax.train import trainable_mask
 
 PyTree = Any
@@ -128,7 +129,17 @@ def optimizer(
 
     Returns:
       An ``optax.multi_transform`` over the groups, ``set_to_zero`` on frozen leaves.
+
+    Raises:
+      ValueError/TypeError: ``ratio`` not a finite number > 0 (0 would freeze B, a negative
+        one make B climb the loss), ``lr`` not a finite number > 0 (or a schedule),
+        ``lr_embedding`` or ``weight_decay`` not a finite number >= 0.
     """
+    ratio = _number(ratio, "ratio", "> 0: B's learning rate is ratio times A's", positive=True)
+    if not callable(lr):
+        lr = _number(lr, "lr", "> 0 (or an optax schedule)", positive=True)
+    lr_embedding = _number(lr_embedding, "lr_embedding", ">= 0", positive=False)
+    weight_decay = _number(weight_decay, "weight_decay", ">= 0", positive=False)
     def scaled(f):
         return (lambda c: f(c) * ratio) if callable(f) else f * ratio
 
@@ -140,3 +151,11 @@ def optimizer(
     lab = labels(tree, modules_to_save=modules_to_save, bias=bias, embeddings=embeddings,
                  no_decay=no_decay)
     return optax.multi_transform(txs, lab)
+
+
+def _number(value: Any, name: str, want: str, *, positive: bool) -> float:
+    """``value`` as a finite float, > 0 (``positive``) or >= 0; errors name the argument."""
+    v = V.number(value, f"loraplus.optimizer: {name}")
+    if v < 0 or (positive and v == 0):
+        raise ValueError(f"loraplus.optimizer: {name} must be a finite number {want}, got {v}")
+    return v

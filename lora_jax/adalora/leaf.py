@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from lora_jax import init_schemes as schemes
 from lora_jax import layouts as Lay
 from lora_jax import lora as L
 from lora_jax import paths as P
@@ -120,6 +121,7 @@ def init(
     dtype=jnp.float32,
     dropout: float = 0.0,
     layouts: Mapping[str, Any] | None = None,
+    init: str = "default",
 ) -> dict:
     """Creates an AdaLoRA tree for ``params`` (PEFT ``AdaLoraLayer.reset_lora_parameters``).
 
@@ -139,12 +141,15 @@ def init(
         (P spans the input axes, Q the output axes).
       dtype: dtype of P, E and Q.
       dropout: PEFT's ``lora_dropout`` on the adapter input path.
+      init: an init scheme of :mod:`lora_jax.init_schemes` that AdaLoRA supports:
+        ``"default"`` (PEFT's, above) or ``"zeros"`` (P, E, Q all zero; for loading).
 
     Returns:
       A nested dict with an :class:`AdaLoraWeight` at every targeted path.
 
     Raises:
-      ValueError: ``target_r > init_r``, a bad pattern, a rank above ``min(in, out)``.
+      ValueError: ``target_r > init_r``, a bad pattern, a rank above ``min(in, out)``, an
+        init scheme AdaLoRA does not support.
 
     >>> import jax, jax.numpy as jnp
     >>> from lora_jax import adalora
@@ -153,6 +158,11 @@ def init(
     >>> w.p.shape, w.e.shape, w.q.shape, round(w.scale, 4)
     ((8, 3), (3,), (3, 4), 1.0)
     """
+    scheme = schemes.get(init, "adalora.init")
+    if not scheme.adalora:
+        ok = [n for n in schemes.names() if schemes.get(n, "adalora.init").adalora]
+        raise ValueError(f"adalora.init: init={init!r} is not supported by AdaLoRA (P·diag(E)·Q "
+                         f"starts with E = 0); AdaLoRA supports {ok}")
     target_r = V.integer(target_r, "adalora.init: target_r", low=0)
     init_r, alpha, dropout, in_axes, stack_axes = V.init_args(
         "adalora.init", params, init_r, key, alpha, targets, exclude, rules, dtype, dropout,
@@ -170,10 +180,11 @@ def init(
         shape, r, roles = s["shape"], s["r"], s["roles"]
         stack, in_dims, out_dims = Lay.split(roles, shape)
         canonical = roles == Lay.canonical(len(shape), len(in_dims), len(stack))
+        draw = _normal if scheme.name == "default" else _zeros
         out[path] = AdaLoraWeight(
-            p=_normal(kp, stack + in_dims + (r,), dtype),
+            p=draw(kp, stack + in_dims + (r,), dtype),
             e=jnp.zeros(stack + (r,), dtype),
-            q=_normal(kq, stack + (r,) + out_dims, dtype),
+            q=draw(kq, stack + (r,) + out_dims, dtype),
             alpha=float(s["alpha"] or r), target_r=target_r, in_axes=len(in_dims),
             stack_axes=len(stack), dropout=dropout, roles="" if canonical else roles,
         )
@@ -184,6 +195,10 @@ def _normal(key, shape, dtype):
     # N(0, 0.02^2), PEFT reset_lora_parameters. Drawn flat: XLA:CPU compiles a 1-D threefry
     # draw several times faster than an n-D one.
     return (0.02 * jax.random.normal(key, (math.prod(shape),), dtype)).reshape(shape)
+
+
+def _zeros(key, shape, dtype):
+    return jnp.zeros(shape, dtype)
 
 
 def flatten(lora: PyTree):

@@ -79,6 +79,9 @@ def require_linear(leaf, name: str, path: str, where: str) -> None:
         raise ValueError(
             f"{where}: adapter {name!r} at {path!r} is a {leaf.kind} leaf, whose update is not "
             "scale·A·B alone (LoRA, rsLoRA, PiSSA, OLoRA, LoftQ and AdaLoRA adapters are)")
+    from lora_jax.init_schemes import require_shared_base  # PiSSA/OLoRA/LoftQ: own base only
+
+    require_shared_base(leaf, name, path, where)
 
 
 def _meta(leaf) -> tuple:

@@ -61,10 +61,12 @@ class AdaLoRA(LoRA):
       rngs: ``nnx.Rngs``, as for :class:`LoRA`.
       **kwargs: as for :class:`LoRA` (``alpha``, ``quantize``, ``targets``, ``exclude``,
         ``rules``, ``dropout``, ``layouts``, ``strict``, ...); the output head is adapted
-        by default, as there.
+        by default, as there. ``init``: a scheme AdaLoRA supports (see
+        :func:`lora_jax.adalora.init`).
 
     Raises:
       TypeError: ``allocator`` is not an ``Allocator``; as for :class:`LoRA` otherwise.
+      ValueError: ``dora=True``, or an init scheme AdaLoRA does not support.
     """
 
     def __init__(self, model: nnx.Module, init_r: int = 12, target_r: int = 8, *,
@@ -75,6 +77,10 @@ class AdaLoRA(LoRA):
         if not isinstance(allocator, adalora.Allocator):
             raise TypeError(f"AdaLoRA: allocator must be a lora_jax.adalora.Allocator, got a "
                             f"{type(allocator).__name__}")
+        if kwargs.get("dora"):
+            raise ValueError("AdaLoRA: dora=True is not supported: AdaLoRA adapters are "
+                             "P·diag(E)·Q without DoRA's magnitude (use lora_jax.nnx.LoRA)")
+        kwargs.pop("dora", None)
         graphdef, params, rest = _split(model, rngs, "AdaLoRA")
         lora = adalora.init(params, init_r, target_r, key=rngs.params(), alpha=alpha, **kwargs)
         self._wrap(graphdef, params, rest, lora, rngs, quantize=quantize, block_size=block_size,

@@ -35,7 +35,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from lora_jax import merging, quant, summaries
+from lora_jax import init_schemes, merging, quant, summaries
 from lora_jax import paths as P
 from lora_jax.initializers import init as lora_init
 from lora_jax.leaves import leaves
@@ -86,8 +86,10 @@ class LoRA(nnx.Module):
         ``nnx.Optimizer(lm, tx, wrt=nnx.Param)`` trains both, ``wrt=LoraParam`` the
         adapters only. They are never quantized.
       **kwargs: the rest of :func:`lora_jax.init`'s options: ``targets``, ``exclude``,
-        ``rules``, ``init`` (``"pissa"`` makes the frozen base the residual), ``rslora``,
-        ``dropout``, ``dtype``, ``layouts``, ``in_axes``, ``stack_axes``.
+        ``rules``, ``init`` (a scheme that changes the base, ``"pissa"`` or ``"olora"``, makes
+        the frozen base its residual ``W − s·A·B``; ``quantize=`` then quantizes that
+        residual, as QPiSSA), ``rslora``, ``dora``, ``dropout``, ``dtype``, ``layouts``,
+        ``in_axes``, ``stack_axes``.
 
     Raises:
       TypeError: ``model`` is not an ``nnx.Module`` (or is a ``LoRA`` already), ``rngs`` is
@@ -101,9 +103,14 @@ class LoRA(nnx.Module):
                  method: str | Callable = "__call__", modules_to_save: P.Pattern | None = None,
                  **kwargs: Any):
         graphdef, params, rest = _split(model, rngs, type(self).__name__)
+        scheme = init_schemes.get(kwargs.get("init", "default"), type(self).__name__)
+        if scheme.factors is None:  # LoftQ: the quantized base comes with the factors
+            raise ValueError(f"{type(self).__name__}: init={scheme.name!r} builds its own base; "
+                             f"call {scheme.builder} on nnx.state(model, nnx.Param) and run the "
+                             "model with lora_jax.apply (lora_jax.nnx.functional)")
         lora = lora_init(params, r, key=rngs.params(), alpha=alpha, **kwargs)
-        if kwargs.get("init") == "pissa":  # the model stays the same: W = residual + s·A·B
-            params = merging.unmerge(params, lora)
+        # PiSSA, OLoRA: the frozen base is the residual, so the model starts unchanged.
+        params = init_schemes.residual_base(params, lora)
         self._wrap(graphdef, params, rest, lora, rngs, quantize=quantize, block_size=block_size,
                    double_quant=double_quant, layouts=kwargs.get("layouts"), strict=strict,
                    compute_dtype=compute_dtype, method=method, modules_to_save=modules_to_save)

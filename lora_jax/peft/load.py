@@ -154,6 +154,11 @@ def load(
             out[path] = load_adalora(t, per_index, mods, masks, cfg, dtype, dropout)
         else:
             out[path] = load_lora(t, per_index, mods, cfg, dtype, dropout)
+    from lora_jax.init_schemes import peft_residual_init  # PiSSA/OLoRA: their own base only
+
+    residual = peft_residual_init(cfg.get("init_lora_weights", True))
+    if residual and not ada:
+        out = {p: x.replace(residual_init=residual) for p, x in out.items()}
     tree = L.from_leaves(out)
     L.check_fits(params, tree, where="peft.load")
     return tree

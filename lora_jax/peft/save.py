@@ -149,6 +149,12 @@ def save(
         layers_to_transform=None, layers_pattern=None,
     )
     cfg.update(next(iter(lmap.values())).peft_config)  # DoRA: use_dora=True
+    bases = {getattr(x, "residual_init", "") for x in lmap.values()}
+    if len(bases) > 1:
+        raise ValueError(f"save: PEFT has one init_lora_weights for all modules, but the adapters "
+                         f"start from different bases {sorted(bases)} ('' = the model's own)")
+    if bases & {"pissa", "olora"}:  # PEFT's loader rebuilds that residual base from the model
+        cfg["init_lora_weights"] = bases.pop()
     if ada:
         for what, vals in (("init_r", ranks), ("lora_alpha", alphas),
                            ("target_r", {p: x.hparams()["target_r"] for p, x in lmap.items()})):
