@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from lora_jax import lora as L
 from lora_jax import validation as V
-from lora_jax.checkpoint import codec, files, lock
+from lora_jax.checkpoint import codec, collective, files, lock
 from lora_jax.checkpoint import restore as R
 from lora_jax.checkpoint.codec import CheckpointError
 
@@ -173,6 +173,27 @@ def check_fit(abstract: dict, like: PyTree | None, base: PyTree | None, where: s
 # Save, read, load
 
 
+def _checkpointer() -> ocp.Checkpointer:
+    """An Orbax Checkpointer whose handler's saves and restores fail on every process
+    together: a write or read that fails on one process would otherwise leave the others at
+    Orbax's next barrier (:mod:`lora_jax.checkpoint.collective`)."""
+    handler = ocp.CompositeCheckpointHandler()
+    save, restore = handler.save, handler.restore
+    # Bound on the instance: Orbax finds the Args classes by the handler's type, kept as is.
+
+    def agreed_save(directory: Any, *args: Any, **kwargs: Any) -> Any:
+        return collective.run_everywhere("writing the checkpoint",
+                                         lambda: save(directory, *args, **kwargs))
+
+    def agreed_restore(directory: Any, args: Any = None) -> Any:
+        return collective.run_everywhere("reading the checkpoint",
+                                         lambda: restore(directory, args=args))
+
+    handler.save = agreed_save  # type: ignore[method-assign]
+    handler.restore = agreed_restore  # type: ignore[method-assign]
+    return ocp.Checkpointer(handler)
+
+
 def save_adapter(path: str | os.PathLike, lora: PyTree, *, meta: Any = None,
                  overwrite: bool = False, wait: float = 0.0) -> int:
     """Saves an adapter tree (LoRA or AdaLoRA, never the base) as an Orbax checkpoint.
@@ -208,7 +229,7 @@ def save_adapter(path: str | os.PathLike, lora: PyTree, *, meta: Any = None,
     info, arrays = adapter_meta(lora, meta, "save_adapter")
 
     def write(target: str) -> None:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
+        with _checkpointer() as ck:
             ck.save(target, ocp.args.Composite(adapter=ocp.args.JsonSave(info),
                                                arrays=ocp.args.StandardSave(as_dict(arrays))))
 
@@ -243,7 +264,7 @@ def _read_info(path: str) -> tuple[dict, str]:
     item = "state" if train else "adapter"
 
     def read():
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
+        with _checkpointer() as ck:
             return ck.restore(path, ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
 
     info = files.orbax_read(f"the metadata of {path}", read)
@@ -297,7 +318,7 @@ def _restore_arrays(path: str, item: str, abstract: dict) -> dict:
     flat, where = R.flat_fields(abstract)
 
     def read():
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
+        with _checkpointer() as ck:
             return ck.restore(path, ocp.args.Composite(
                 **{item: ocp.args.StandardRestore(flat)}))[item]
 

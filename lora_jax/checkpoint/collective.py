@@ -10,11 +10,15 @@ error, naming the process and the cause. On one process it just re-raises.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import jax
 import numpy as np
 
 from lora_jax.checkpoint.codec import CheckpointError
 
+_T = TypeVar("_T")
 _MESSAGE_BYTES = 2000  # the text of each process' error travels in this many bytes
 
 
@@ -51,6 +55,8 @@ def agree(what: str, error: BaseException | None) -> None:
         if error is not None:
             raise error
         return
+    if error is not None and getattr(error, "lora_jax_agreed", False):
+        raise error  # already agreed: every process holds it
     from jax.experimental import multihost_utils
 
     record = np.zeros(_MESSAGE_BYTES + 1, np.int32)
@@ -67,13 +73,14 @@ def agree(what: str, error: BaseException | None) -> None:
     text = bytes(table[first, 1:].astype(np.uint8)).rstrip(b"\0").decode(errors="replace")
     also = f" (and on process{'es' if len(failed) > 2 else ''} {failed[1:]})" \
         if len(failed) > 1 else ""
-    message = f"{what} failed on process {first}{also}: {text}"
+    agreed = kind(f"{what} failed on process {first}{also}: {text}")
+    agreed.lora_jax_agreed = True  # type: ignore[attr-defined]
     if error is not None:
-        raise kind(message) from error
-    raise kind(message)
+        raise agreed from error
+    raise agreed
 
 
-def run_everywhere(what: str, fn):
+def run_everywhere(what: str, fn: Callable[[], _T]) -> _T:
     """``fn()`` on this process, then :func:`agree` on its outcome: its value if no process
     failed, else the same error on every process."""
     try:

@@ -196,6 +196,7 @@ class Manager:
         collective.run_everywhere("Manager.save", self._lock.acquire if first else
                                   lambda: None)
         self._locked = True
+        self._mngr.reload()  # the steps another writer may have saved since we last looked
 
     def _unlock(self) -> None:
         if self._locked and jax.process_index() == 0:
