@@ -392,6 +392,97 @@ def test_a_damaged_previous_adapter_is_not_called_intact(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------
+# Preemption: SIGTERM saves the current step, the restarted job resumes from it
+
+
+def child_train(run: str, total: str) -> None:
+    """A training loop (Adam on a fixed quadratic) over a Manager, saving every 5 steps and
+    on SIGTERM; resumes from the latest step. Prints its steps, then a JSON line."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from lora_jax import checkpoint
+
+    lora0 = _adapter(5)
+    targets = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size, dtype=x.dtype).reshape(
+        x.shape)), lora0)
+    tx = optax.adam(1e-2)
+
+    @jax.jit
+    def train_step(lora, opt):
+        grads = jax.grad(lambda lo: sum(jnp.sum((a - b) ** 2) for a, b in zip(
+            jax.tree.leaves(lo), jax.tree.leaves(targets))))(lora)
+        updates, opt = tx.update(grads, opt, lora)
+        return optax.apply_updates(lora, updates), opt
+
+    with checkpoint.Manager(run, max_to_keep=2, wait=60) as mngr, \
+            checkpoint.StopOnSignal() as stop:
+        if mngr.steps:
+            state = mngr.restore(like=lora0, opt_state=jax.eval_shape(tx.init, lora0))
+            lora, opt, start = state.lora, state.opt_state, state.step + 1
+        else:
+            lora, opt, start = lora0, tx.init(lora0), 0
+        print("start", start, flush=True)
+        for step in range(start, int(total)):
+            lora, opt = train_step(lora, opt)
+            print("step", step, flush=True)
+            time.sleep(0.05)
+            preempted = stop.reached(step)
+            if preempted or step % 5 == 4 or step == int(total) - 1:
+                mngr.save(step, lora=lora, opt_state=opt)
+            if preempted:
+                mngr.wait()
+                print(json.dumps({"stopped_at": step, "start": start}))
+                return
+    print(json.dumps({"finished": int(total) - 1, "start": start}))
+
+
+def test_sigterm_saves_the_current_step_and_the_restart_resumes_there(tmp_path):
+    from lora_jax import checkpoint
+
+    run, ref = str(tmp_path / "run"), str(tmp_path / "ref")
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "train", run, "40"],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + CHILD_TIMEOUT_S
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "".join(lines[-40:])
+            lines.append(line)
+            if line.startswith("step 7"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        lines += proc.communicate(timeout=CHILD_TIMEOUT_S)[0].splitlines(keepends=True)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, "".join(lines[-40:])
+    stopped = json.loads(lines[-1])["stopped_at"]
+    assert 7 <= stopped < 39 and stopped % 5 != 4, lines[-5:]  # a step between two saves
+    with checkpoint.Manager(run) as mngr:
+        assert mngr.latest_step() == stopped
+    resumed = _child("train", run, "40")
+    assert resumed == {"finished": 39, "start": stopped + 1}
+    child_train(ref, "40")  # never interrupted, here
+    with checkpoint.Manager(run) as a, checkpoint.Manager(ref) as b:
+        got, want = a.restore(39), b.restore(39)
+    assert max(np.max(np.abs(x - y)) for x, y in zip(_values(got.lora), _values(want.lora))) \
+        <= 1e-6
+    assert max(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
+               for x, y in zip(jax_leaves(got.opt_state), jax_leaves(want.opt_state))) <= 1e-6
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+# ----------------------------------------------------------------------------------------
 # Multi-process: a failure on one process fails every process, in seconds
 
 
@@ -518,5 +609,5 @@ if __name__ == "__main__" and len(sys.argv) > 1:
     if mode == "worker":
         worker(int(rest[0]), int(rest[1]), rest[2], rest[3])
     else:
-        {"writer": child_writer, "no_write": child_no_write,
+        {"writer": child_writer, "no_write": child_no_write, "train": child_train,
          "file_limit": child_file_limit}[mode](*rest)

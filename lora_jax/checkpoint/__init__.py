@@ -27,6 +27,9 @@ Crashes and re-saves:
 * In a multi-process program every check that can fail on one process is agreed by all
   before the next collective (``collective.py``): every process raises the same error
   instead of the others hanging.
+* Preemption: :class:`StopOnSignal` turns SIGTERM into a flag the training loop checks each
+  step (agreed by every process), so the job saves that step and stops; the restarted job
+  resumes from it.
 * :meth:`Manager.save` never skips a step silently: saving a step that exists, or one not
   above the latest, raises unless the :class:`Manager` was opened with
   ``on_existing="overwrite"``, which first drops every step from that one up (the abandoned
@@ -37,8 +40,8 @@ name), ``files.py`` (directories on disk: atomic replacement, crash recovery, wh
 is, :func:`disk_size`), ``adapter.py`` (adapter metadata, fit checks, :func:`save_adapter`,
 :func:`load_adapter`, :func:`adapter_info`), ``restore.py`` (abstract trees and shardings for
 restoring onto a mesh), ``manager.py`` (:class:`Manager`), ``lock.py`` (one writer per path),
-``storage.py`` (storage errors in words) and ``collective.py`` (failing together on every
-process).
+``storage.py`` (storage errors in words), ``collective.py`` (failing together on every
+process) and ``preemption.py`` (:class:`StopOnSignal`).
 
 >>> import os, tempfile, jax, jax.numpy as jnp, lora_jax
 >>> params = {"dense": {"kernel": jnp.ones((16, 8))}}
@@ -64,6 +67,7 @@ from lora_jax.checkpoint.codec import CheckpointError, register
 from lora_jax.checkpoint.files import disk_size
 from lora_jax.checkpoint.lock import CheckpointBusyError
 from lora_jax.checkpoint.manager import ON_EXISTING, Manager, StepExistsError, TrainState
+from lora_jax.checkpoint.preemption import StopOnSignal
 from lora_jax.checkpoint.storage import CheckpointStorageError
 
 __all__ = [
@@ -75,6 +79,7 @@ __all__ = [
     "CheckpointStorageError",
     "Manager",
     "StepExistsError",
+    "StopOnSignal",
     "TrainState",
     "adapter_info",
     "codec",
