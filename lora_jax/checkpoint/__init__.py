@@ -16,7 +16,20 @@ Crashes and re-saves:
   (``<path>.incoming-<sequence>``) and then swaps it in. Whatever point a crash stops it at,
   the next :func:`save_adapter`, :func:`load_adapter` or :func:`adapter_info` on that path
   finishes the job: the newest complete adapter wins, and the leftovers (``.incoming-*``,
-  ``.old-*``, ``*.orbax-checkpoint-tmp*``) are removed. One writer per path at a time.
+  ``.old-*``, ``*.orbax-checkpoint-tmp*``) are removed.
+* One writer per path at a time, enforced: :func:`save_adapter` and :meth:`Manager.save` take a
+  lock file (``lock.py``); a second writer waits (``wait=`` seconds) or raises
+  :class:`CheckpointBusyError` naming the holder. Readers take no lock: a read that a writer's
+  swap overlapped is repeated, so it never mixes two saves.
+* A save that storage stops (full disk, file-size limit, quota, read-only) raises
+  :class:`CheckpointStorageError` naming the file and the cause, after checking (by reading
+  it again) that the previous checkpoint is intact.
+* In a multi-process program every check that can fail on one process is agreed by all
+  before the next collective (``collective.py``): every process raises the same error
+  instead of the others hanging.
+* Preemption: :class:`StopOnSignal` turns SIGTERM into a flag the training loop checks each
+  step (agreed by every process), so the job saves that step and stops; the restarted job
+  resumes from it.
 * :meth:`Manager.save` never skips a step silently: saving a step that exists, or one not
   above the latest, raises unless the :class:`Manager` was opened with
   ``on_existing="overwrite"``, which first drops every step from that one up (the abandoned
@@ -26,7 +39,9 @@ The package: ``codec.py`` (pytrees as JSON plus arrays, and the registry of type
 name), ``files.py`` (directories on disk: atomic replacement, crash recovery, what a folder
 is, :func:`disk_size`), ``adapter.py`` (adapter metadata, fit checks, :func:`save_adapter`,
 :func:`load_adapter`, :func:`adapter_info`), ``restore.py`` (abstract trees and shardings for
-restoring onto a mesh) and ``manager.py`` (:class:`Manager`).
+restoring onto a mesh), ``manager.py`` (:class:`Manager`), ``lock.py`` (one writer per path),
+``storage.py`` (storage errors in words), ``collective.py`` (failing together on every
+process) and ``preemption.py`` (:class:`StopOnSignal`).
 
 >>> import os, tempfile, jax, jax.numpy as jnp, lora_jax
 >>> params = {"dense": {"kernel": jnp.ones((16, 8))}}
@@ -50,15 +65,21 @@ from lora_jax.checkpoint.adapter import (
 )
 from lora_jax.checkpoint.codec import CheckpointError, register
 from lora_jax.checkpoint.files import disk_size
+from lora_jax.checkpoint.lock import CheckpointBusyError
 from lora_jax.checkpoint.manager import ON_EXISTING, Manager, StepExistsError, TrainState
+from lora_jax.checkpoint.preemption import StopOnSignal
+from lora_jax.checkpoint.storage import CheckpointStorageError
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "ON_EXISTING",
+    "CheckpointBusyError",
     "CheckpointError",
+    "CheckpointStorageError",
     "Manager",
     "StepExistsError",
+    "StopOnSignal",
     "TrainState",
     "adapter_info",
     "codec",

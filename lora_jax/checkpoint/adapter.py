@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from lora_jax import lora as L
 from lora_jax import validation as V
-from lora_jax.checkpoint import codec, files
+from lora_jax.checkpoint import codec, collective, files, lock
 from lora_jax.checkpoint import restore as R
 from lora_jax.checkpoint.codec import CheckpointError
 
@@ -173,8 +173,29 @@ def check_fit(abstract: dict, like: PyTree | None, base: PyTree | None, where: s
 # Save, read, load
 
 
+def _checkpointer() -> ocp.Checkpointer:
+    """An Orbax Checkpointer whose handler's saves and restores fail on every process
+    together: a write or read that fails on one process would otherwise leave the others at
+    Orbax's next barrier (:mod:`lora_jax.checkpoint.collective`)."""
+    handler = ocp.CompositeCheckpointHandler()
+    save, restore = handler.save, handler.restore
+    # Bound on the instance: Orbax finds the Args classes by the handler's type, kept as is.
+
+    def agreed_save(directory: Any, *args: Any, **kwargs: Any) -> Any:
+        return collective.run_everywhere("writing the checkpoint",
+                                         lambda: save(directory, *args, **kwargs))
+
+    def agreed_restore(directory: Any, args: Any = None) -> Any:
+        return collective.run_everywhere("reading the checkpoint",
+                                         lambda: restore(directory, args=args))
+
+    handler.save = agreed_save  # type: ignore[method-assign]
+    handler.restore = agreed_restore  # type: ignore[method-assign]
+    return ocp.Checkpointer(handler)
+
+
 def save_adapter(path: str | os.PathLike, lora: PyTree, *, meta: Any = None,
-                 overwrite: bool = False) -> int:
+                 overwrite: bool = False, wait: float = 0.0) -> int:
     """Saves an adapter tree (LoRA or AdaLoRA, never the base) as an Orbax checkpoint.
 
     The metadata records the format version, every target path with its leaf kind, rank,
@@ -189,12 +210,18 @@ def save_adapter(path: str | os.PathLike, lora: PyTree, *, meta: Any = None,
         beside it first, then swapped in. A crash at any point leaves either adapter whole,
         and the next save or load of ``path`` settles on the newest complete one and removes
         the leftovers (see :mod:`lora_jax.checkpoint`).
+      wait: seconds to wait for another writer of ``path`` to finish (one writer at a time:
+        :mod:`lora_jax.checkpoint.lock`); 0 raises at once.
 
     Returns:
       The adapter's size on disk in bytes.
 
     Raises:
       FileExistsError: ``path`` exists and ``overwrite`` is False.
+      CheckpointBusyError: another writer holds ``path``'s lock (after ``wait`` seconds).
+      CheckpointStorageError: the disk, a file-size limit, a quota or a permission stopped the
+        write; the message names the file and says whether the previous adapter is intact
+        (it is read again to check).
       TypeError/ValueError: ``lora`` holds something other than adapter leaves, a leaf whose
         factors do not chain, or ``meta`` is not JSON-like.
     """
@@ -202,21 +229,33 @@ def save_adapter(path: str | os.PathLike, lora: PyTree, *, meta: Any = None,
     info, arrays = adapter_meta(lora, meta, "save_adapter")
 
     def write(target: str) -> None:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
+        with _checkpointer() as ck:
             ck.save(target, ocp.args.Composite(adapter=ocp.args.JsonSave(info),
                                                arrays=ocp.args.StandardSave(as_dict(arrays))))
 
-    files.write_dir(path, write, overwrite=overwrite, what="save_adapter")
+    wait = lock.wait_seconds(wait, "save_adapter: wait")
+    files.write_dir(path, write, overwrite=overwrite, what="save_adapter", wait=wait,
+                    verify=_read_whole)
     return files.disk_size(path)
+
+
+def _read_whole(path: str) -> None:
+    """Reads the adapter at ``path`` completely (metadata and every array), onto this host."""
+    info, item = _read_info(path)
+    abstract = R.abstract_lora(info, R.lora_shardings({}, None, None)[0], path)
+    jax.block_until_ready(_restore_arrays(path, item, abstract))
 
 
 def adapter_info(path: str | os.PathLike) -> dict:
     """The metadata of a saved adapter or :class:`~lora_jax.checkpoint.Manager` step (format,
     targets, ranks, alphas, user meta) plus its ``"nbytes"`` on disk."""
-    path = files.adapter_dir(path)
-    info, _ = _read_info(path)
-    R.abstract_lora(info, R.unsharded, path)  # a damaged or foreign file is reported
-    return {**info, "nbytes": files.disk_size(path)}
+
+    def read(directory: str) -> dict:
+        info, _ = _read_info(directory)
+        R.abstract_lora(info, R.unsharded, directory)  # a damaged or foreign file is reported
+        return {**info, "nbytes": files.disk_size(directory)}
+
+    return files.read_stable(path, read)
 
 
 def _read_info(path: str) -> tuple[dict, str]:
@@ -225,7 +264,7 @@ def _read_info(path: str) -> tuple[dict, str]:
     item = "state" if train else "adapter"
 
     def read():
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
+        with _checkpointer() as ck:
             return ck.restore(path, ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
 
     info = files.orbax_read(f"the metadata of {path}", read)
@@ -262,14 +301,16 @@ def load_adapter(path: str | os.PathLike, *, like: PyTree | None = None,
       ValueError: (before any array is read) a mismatch with ``like`` or ``base`` that names
         the parameter.
     """
-    path = files.adapter_dir(path)
-    info, item = _read_info(path)
-    abstract = R.abstract_lora(info, R.unsharded, path)
-    check_fit(abstract, like, base, f"adapter {path}")
-    shard, _ = R.lora_shardings(abstract, mesh, specs)
-    abstract = R.abstract_lora(info, shard, path)
-    arrays = _restore_arrays(path, item, abstract)
-    return R.rebuild_like(arrays, like)
+
+    def read(directory: str) -> dict:
+        info, item = _read_info(directory)
+        abstract = R.abstract_lora(info, R.unsharded, directory)
+        check_fit(abstract, like, base, f"adapter {directory}")
+        shard, _ = R.lora_shardings(abstract, mesh, specs)
+        abstract = R.abstract_lora(info, shard, directory)
+        return _restore_arrays(directory, item, abstract)
+
+    return R.rebuild_like(files.read_stable(path, read), like)
 
 
 def _restore_arrays(path: str, item: str, abstract: dict) -> dict:
@@ -277,7 +318,7 @@ def _restore_arrays(path: str, item: str, abstract: dict) -> dict:
     flat, where = R.flat_fields(abstract)
 
     def read():
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
+        with _checkpointer() as ck:
             return ck.restore(path, ocp.args.Composite(
                 **{item: ocp.args.StandardRestore(flat)}))[item]
 

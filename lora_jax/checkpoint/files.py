@@ -17,6 +17,7 @@ import difflib
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from typing import TypeVar
 import jax
 import numpy as np
 
+from lora_jax.checkpoint import collective, lock, storage
 from lora_jax.checkpoint.codec import CheckpointError
 
 _T = TypeVar("_T")
@@ -121,25 +123,52 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def write_dir(path: str, write: Callable[[str], None], *, overwrite: bool, what: str) -> None:
+def write_dir(path: str, write: Callable[[str], None], *, overwrite: bool, what: str,
+              wait: float = 0.0, verify: Callable[[str], None] | None = None) -> None:
     """Creates the directory ``path`` with ``write(target)``, replacing an existing one atomically.
 
     ``write`` must create ``target`` completely or not at all (Orbax does: it writes to a
-    temporary name and renames). Leftovers of earlier killed saves are recovered first; an
-    existing ``path`` is replaced by writing beside it and swapping (see the module docstring).
-    Every host calls this; host 0 renames.
+    temporary name and renames). The writer first takes the lock ``<path>.lock``
+    (:mod:`lora_jax.checkpoint.lock`; ``wait`` seconds for a busy one). Leftovers of earlier
+    killed saves are recovered first; an existing ``path`` is replaced by writing beside it and
+    swapping (see the module docstring). Every host calls this; host 0 locks and renames, and
+    every check is agreed by all hosts before the next collective
+    (:func:`lora_jax.checkpoint.collective.agree`).
+
+    A write that storage stops (full disk, file-size limit, quota, read-only) raises
+    :class:`~lora_jax.checkpoint.storage.CheckpointStorageError`, after removing the partial
+    files and reading the previous ``path`` again with ``verify(path)``.
 
     Raises:
       FileExistsError: ``path`` exists and ``overwrite`` is False, or is a file.
+      CheckpointBusyError: another writer holds the lock.
     """
+    first = jax.process_index() == 0
+    writer = lock.WriterLock(f"{path}.lock", path, wait=wait)
+    collective.run_everywhere(what, writer.acquire if first else lambda: None)
+    try:
+        _write_locked(path, write, overwrite=overwrite, what=what, verify=verify)
+    finally:
+        if first:
+            writer.release()
+
+
+def _write_locked(path: str, write: Callable[[str], None], *, overwrite: bool, what: str,
+                  verify: Callable[[str], None] | None) -> None:
     if jax.process_index() == 0:
-        recover(path)  # an earlier save killed half-way
-    sync(f"lora_jax.checkpoint.{what}.recover")
-    exists = os.path.lexists(path)
-    if exists and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    if exists and not os.path.isdir(path):
-        raise FileExistsError(f"{path} is a file, not an adapter; remove it first")
+        collective.run_everywhere(what, lambda: recover(path))  # a save killed half-way
+    else:
+        collective.run_everywhere(what, lambda: None)
+
+    def check() -> bool:
+        exists = os.path.lexists(path)
+        if exists and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        if exists and not os.path.isdir(path):
+            raise FileExistsError(f"{path} is a file, not an adapter; remove it first")
+        return exists
+
+    exists = collective.run_everywhere(what, check)
     if exists:
         seq = _seq(path)
         if jax.process_count() > 1:  # every host writes into the same directory
@@ -150,22 +179,101 @@ def write_dir(path: str, write: Callable[[str], None], *, overwrite: bool, what:
         target = f"{path}.incoming-{seq}"
     else:
         target = path
-    write(target)
+    try:
+        collective.run_everywhere(what, lambda: write(target))
+    except Exception as e:
+        if storage.storage_failure(e) is None:
+            raise
+        raise _storage_error(path, what, e, exists, verify) from e
     if target != path and jax.process_index() == 0:
         recover(path)  # target is the newest complete copy: swapped in, the old one removed
     sync(f"lora_jax.checkpoint.{what}.swap")
 
 
-def _recovered(path: str) -> str:
-    """``path`` after recovering from killed saves; read-only folders are resolved in place."""
-    if jax.process_index() == 0 and not is_step_dir(path):  # a Manager cleans its own steps
+def _storage_error(path: str, what: str, error: Exception, existed: bool,
+                   verify: Callable[[str], None] | None) -> Exception:
+    """The :class:`CheckpointStorageError` of a write of ``path`` that storage stopped, after
+    removing its partial files and reading the previous adapter again."""
+    if jax.process_index() == 0:
+        for leftover in _leftovers(path)[1]:  # the failed write's temporary folders
+            shutil.rmtree(leftover, ignore_errors=True)
+    sync(f"lora_jax.checkpoint.{what}.cleanup")
+    intact: BaseException | bool = True
+    if existed and verify is not None:
         try:
-            recover(path)
-        except OSError:
-            pass  # e.g. a read-only copy: read the newest complete one where it is
+            collective.run_everywhere(f"{what}: reading the previous adapter again",
+                                      lambda: verify(path))
+        except Exception as e:  # noqa: BLE001 - reported in the message
+            intact = e
+    return storage.save_failed(what, path, error, f"the previous adapter at {path}"
+                               if existed else None, intact)
+
+
+def _recovered(path: str) -> str:
+    """``path`` after recovering from killed saves; read-only folders are resolved in place.
+
+    A reader recovers only when there is something to recover and no writer holds the lock
+    (never removing what a live writer is writing); otherwise it reads the newest complete
+    copy where it is."""
+    if jax.process_index() == 0 and not is_step_dir(path) and any(_leftovers(path)):
+        writer = lock.WriterLock(f"{path}.lock", path)
+        try:
+            writer.acquire()
+        except CheckpointError:
+            pass  # a writer is busy (or the folder is read-only): leave its files alone
+        else:
+            try:
+                recover(path)
+            except OSError:
+                pass  # e.g. a read-only copy: read the newest complete one where it is
+            finally:
+                writer.release()
     sync("lora_jax.checkpoint.recover")
     done, _ = _leftovers(path)
     return done[-1] if done else path
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+READ_ATTEMPTS = 20
+
+
+def read_stable(path: str | os.PathLike, read: Callable[[str], _T]) -> _T:
+    """``read(directory)`` of the adapter at ``path``, never a mix of two saves: a writer may
+    swap a new adapter in while it reads (writers lock, readers do not), so the read is
+    repeated if the directory at ``path`` changed meanwhile (or vanished under it).
+
+    Raises:
+      CheckpointBusyError: it changed during each of :data:`READ_ATTEMPTS` reads.
+    """
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if jax.process_count() > 1:  # every process must read the same number of times
+        return collective.run_everywhere(f"reading {path}", lambda: read(adapter_dir(path)))
+    last: Exception | None = None
+    for _ in range(READ_ATTEMPTS):
+        directory = adapter_dir(path)
+        before = _identity(directory)
+        try:
+            value = read(directory)
+        except (CheckpointError, FileNotFoundError):
+            if _identity(directory) == before and before is not None and \
+                    not os.path.exists(f"{path}.lock"):
+                raise  # damaged, not replaced while read
+            last = sys.exc_info()[1]  # type: ignore[assignment]
+            time.sleep(lock.POLL_S)
+            continue
+        if _identity(directory) == before and before is not None:
+            return value
+    if last is not None:
+        raise last
+    raise lock.CheckpointBusyError(f"{path} was replaced by a writer during each of "
+                                   f"{READ_ATTEMPTS} attempts to read it")
 
 
 # ----------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from lora_jax import protocols
 from lora_jax import validation as V
-from lora_jax.checkpoint import codec, files
+from lora_jax.checkpoint import codec, collective, files, lock, storage
 from lora_jax.checkpoint import restore as R
 from lora_jax.checkpoint.adapter import (
     FORMAT_VERSION,
@@ -108,6 +108,11 @@ class Manager:
         latest: ``"error"`` (default) raises :class:`StepExistsError` and writes nothing;
         ``"overwrite"`` drops every checkpoint from that step up, then saves. A crash after
         the drop and before the new step is complete leaves the steps below it.
+      wait: seconds :meth:`save` waits for another writer of ``directory`` (0: raise
+        :class:`~lora_jax.checkpoint.CheckpointBusyError` at once). One writer at a time: a
+        Manager holds the lock ``<directory>/.lock`` from its first :meth:`save` until
+        :meth:`wait` or :meth:`close` returns (:mod:`lora_jax.checkpoint.lock`); restoring
+        takes no lock.
 
     Raises:
       ValueError: ``directory`` is an adapter, one step of a Manager, or a PEFT folder; a bad
@@ -116,7 +121,8 @@ class Manager:
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
                  async_save: bool = True, save_interval_steps: int = 1,
-                 keep_period: int | None = None, on_existing: str = "error"):
+                 keep_period: int | None = None, on_existing: str = "error",
+                 wait: float = 0.0):
         self.directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
         if on_existing not in ON_EXISTING:
             raise ValueError(f"Manager: on_existing must be 'error' or 'overwrite', got "
@@ -135,6 +141,9 @@ class Manager:
             if why:
                 raise ValueError(f"Manager: {why}")
         self.on_existing = on_existing
+        self._lock = lock.WriterLock(os.path.join(self.directory, ".lock"), self.directory,
+                                     wait=lock.wait_seconds(wait, "Manager: wait"))
+        self._locked = False  # this Manager holds the lock (on every process' view)
         self._interval = save_interval_steps
         # Old steps are renamed out of the way (atomic) instead of deleted in place: a process
         # killed half-way through an rmtree would otherwise leave a listed, broken step.
@@ -161,12 +170,78 @@ class Manager:
         return self._mngr.latest_step()
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk."""
-        self._mngr.wait_until_finished()
+        """Blocks until pending asynchronous saves are on disk, then releases the lock.
+
+        Raises:
+          CheckpointStorageError: storage stopped a pending save (the message names the file
+            and the cause, and says whether the latest complete step is intact).
+        """
+        try:
+            self._finish(self._mngr.wait_until_finished)
+        finally:
+            self._unlock()
 
     def close(self) -> None:
-        self._mngr.close()
-        self._empty_trash()
+        try:
+            self._finish(self._mngr.close)
+            self._empty_trash()
+        finally:
+            self._unlock()
+
+    # -- one writer at a time
+    def _take_lock(self) -> None:
+        if self._locked:
+            return
+        first = jax.process_index() == 0
+        collective.run_everywhere("Manager.save", self._lock.acquire if first else
+                                  lambda: None)
+        self._locked = True
+        self._mngr.reload()  # the steps another writer may have saved since we last looked
+
+    def _unlock(self) -> None:
+        if self._locked and jax.process_index() == 0:
+            self._lock.release()
+        self._locked = False
+
+    def _finish(self, fn) -> None:
+        """``fn()`` (a save, or waiting for one); a failure that storage caused becomes a
+        :class:`CheckpointStorageError` once the partial step is removed and the latest
+        complete step read again."""
+        try:
+            collective.run_everywhere("Manager.save", fn)
+        except Exception as e:
+            if storage.storage_failure(e) is None:
+                raise
+            raise self._storage_error(e) from e
+
+    def _storage_error(self, error: Exception) -> Exception:
+        if jax.process_index() == 0:
+            for name in os.listdir(self.directory):
+                if ".orbax-checkpoint-tmp" in name:  # the failed step's partial files
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        files.sync("lora_jax.checkpoint.Manager.cleanup")
+        self._mngr.reload()
+        latest = self.latest_step()
+        if latest is None:
+            return storage.save_failed("Manager.save", self.directory, error, None, True)
+        intact: BaseException | bool = True
+        try:
+            collective.run_everywhere("Manager.save: reading the latest step again",
+                                      lambda: self._read_whole(latest))
+        except Exception as e:  # noqa: BLE001 - reported in the message
+            intact = e
+        return storage.save_failed("Manager.save", self.directory, error,
+                                   f"the latest complete step {latest}", intact)
+
+    def _read_whole(self, step: int) -> None:
+        """Reads every array of ``step`` onto this host (a check that it is intact)."""
+        state = self.metadata(step)
+        info = check_format(state.get("adapter"), f"step {step}")
+        abstract = R.abstract_lora(info, R.lora_shardings({}, None, None)[0], f"step {step}")
+        flat, _ = R.flat_fields(abstract)
+        got = files.orbax_read(f"step {step}", lambda: self._mngr.restore(
+            step, args=ocp.args.Composite(lora=ocp.args.StandardRestore(flat))))
+        jax.block_until_ready(dict(got["lora"]))
 
     def __enter__(self):
         return self
@@ -221,6 +296,10 @@ class Manager:
           ``save_interval_steps`` skips.
 
         Raises:
+          CheckpointBusyError: another writer holds the directory's lock (after ``wait``).
+          CheckpointStorageError: storage stopped this save, or an earlier asynchronous one
+            (the message names the file and the cause, and says whether the latest complete
+            step is intact: it is read again to check).
           StepExistsError: (a ValueError) ``step`` exists or is not above the latest step,
             and ``on_existing`` is ``"error"``; nothing is written.
           TypeError: (before anything is written) a base weight such as a ``QuantizedArray``,
@@ -243,6 +322,7 @@ class Manager:
                 args[name] = ocp.args.StandardSave(as_dict(arrays))
         args["state"] = ocp.args.JsonSave(state)
 
+        self._take_lock()
         self._empty_trash()  # steps dropped by earlier saves
         latest = self.latest_step()
         if latest is not None and step <= latest:
@@ -260,7 +340,13 @@ class Manager:
             for s in self.steps:
                 if s >= step:
                     self._mngr.delete(s)
-        started = self._mngr.save(step, args=ocp.args.Composite(**args), force=force)
+        started = False
+
+        def save():
+            nonlocal started
+            started = self._mngr.save(step, args=ocp.args.Composite(**args), force=force)
+
+        self._finish(save)
         if not started and (force or step % self._interval == 0):
             raise RuntimeError(f"Manager.save: Orbax declined to save step {step} in "
                                f"{self.directory} (steps {self.steps})")

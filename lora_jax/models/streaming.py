@@ -140,7 +140,10 @@ def load(abstract: Any, sources: Mapping[str, Source], *, quantize: str | Mappin
 
     Raises:
       ValueError: a leaf without a source, a source of the wrong shape, NaN/Inf in a weight
-        to quantize, or specs that do not fit (all naming the parameter path).
+        to quantize, or specs that do not fit (all naming the parameter path). With a mesh
+        over several processes, a failure on one (NaN, a truncated or missing file) raises on
+        every process, naming the process and the cause, instead of leaving the others
+        waiting at the next collective.
     """
     target = abstract
     if quantize is not None:
@@ -163,25 +166,41 @@ def load(abstract: Any, sources: Mapping[str, Source], *, quantize: str | Mappin
     per_leaf = ([None] * len(leaves) if shardings is None else
                 treedef.flatten_up_to(shardings))
     paths = [P.path_str(kp) for kp, _ in leaves]
-    missing = [p for p in paths if p not in sources]
-    if missing:
-        raise ValueError(f"load: no source for {missing[:4]} (sources name e.g. "
-                         f"{list(sources)[:4]})")
-    for path, (_, like) in zip(paths, leaves):
-        if tuple(sources[path].shape) != tuple(like.shape):
-            raise ValueError(f"{path}: the checkpoint holds shape {tuple(sources[path].shape)}, "
-                             f"expected {tuple(like.shape)}")
+
+    def check_sources() -> None:
+        missing = [p for p in paths if p not in sources]
+        if missing:
+            raise ValueError(f"load: no source for {missing[:4]} (sources name e.g. "
+                             f"{list(sources)[:4]})")
+        for path, (_, like) in zip(paths, leaves):
+            if tuple(sources[path].shape) != tuple(like.shape):
+                raise ValueError(f"{path}: the checkpoint holds shape "
+                                 f"{tuple(sources[path].shape)}, expected {tuple(like.shape)}")
+
+    together = _together if mesh is not None else (lambda what, fn: fn())
+    together("load", check_sources)
     out = []
     for path, (_, like), sharding in zip(paths, leaves, per_leaf):
         source = sources[path]
-        if protocols.is_base_leaf(like):
-            out.append(like.streamed(_storage_reader(source, like.storage_order, like.dtype),
-                                     path=path, shardings=sharding))
-        else:
-            out.append(_dense(source, like, sharding))
+
+        def one(source=source, like=like, sharding=sharding, path=path):
+            if protocols.is_base_leaf(like):
+                return like.streamed(_storage_reader(source, like.storage_order, like.dtype),
+                                     path=path, shardings=sharding)
+            return _dense(source, like, sharding)
+
+        out.append(together(f"load of {path}", one))
         _release(source)
         _trim_heap()
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _together(what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``, its failure on any process raised on every process (naming the process)
+    before the next collective: on a pod, the others would otherwise wait for it forever."""
+    from lora_jax.checkpoint.collective import run_everywhere
+
+    return run_everywhere(what, fn)
 
 
 @functools.cache

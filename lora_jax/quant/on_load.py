@@ -54,7 +54,8 @@ def quantize_streamed(like: QuantizedArray, read: Read, *, path: str = "<array>"
       The concrete :class:`QuantizedArray` (global arrays on the mesh when ``shardings``).
 
     Raises:
-      ValueError: NaN or Inf among the values, naming ``path``.
+      ValueError: NaN or Inf among the values, naming ``path``. On a mesh, a failure on one
+        process (NaN, a failed read) raises on every process, naming the process that failed.
     """
     n, bs = like.size, like.block_size
     nb = like.absmax.shape[0]
@@ -88,10 +89,17 @@ def quantize_streamed(like: QuantizedArray, read: Read, *, path: str = "<array>"
 
     # ``shardings`` holds a NamedSharding where ``like`` holds an array (see Args)
     sh: Any = shardings
-    codes = _assemble(like.codes, sh.codes, codes_of)
     # first-level scales in float32 (under double quantization ``like.absmax`` is their codes)
     scales = jax.ShapeDtypeStruct(like.absmax.shape, np.float32)
-    absmax = _assemble(scales, sh.absmax, absmax_of)
+
+    def local() -> tuple[jax.Array, jax.Array]:
+        return _assemble(like.codes, sh.codes, codes_of), _assemble(scales, sh.absmax, absmax_of)
+
+    # A NaN or a failed read on one process fails every process here, before the gather of
+    # the scales below, which would otherwise wait for it forever.
+    from lora_jax.checkpoint.collective import run_everywhere
+
+    codes, absmax = run_everywhere(f"quantizing {path} while loading", local)
     if like.absmax2 is None:
         return like.replace(codes=codes, absmax=absmax)
     # The offset is the mean of every block's scale: gather them all, then quantize them.
