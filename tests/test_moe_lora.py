@@ -243,3 +243,46 @@ def test_bad_group_sizes_factor_lengths_and_integer_experts():
     with pytest.raises(TypeError, match="'up'.*int32"):
         lora_jax.init(ints, r=2, key=jax.random.key(0), targets="up")
 
+
+
+# ----------------------------------------------------------------------------------------
+# Few rows, one adapter (decode, small batches): x·W0 + s·(x·A)·B, never W0 + s·A·B.
+
+def _dense_layer(p, x):
+    return jnp.einsum("btd,df->btf", x, p["w"])
+
+
+@pytest.mark.parametrize("rows,route", [(2, "fast-unmerged"), (64, "fast")])
+def test_few_rows_take_the_unmerged_form_with_equal_values_and_grads(rows, route):
+    params = {"w": rnd(0, (64, 48), 0.2)}  # crossover: rows * (64 + 48) < 64 * 48 -> 27
+    x = rnd(1, (1, rows, 64))
+    lora = init_lora(params, r=4)
+    assert lora_jax.report(_dense_layer, params, lora, x)["w"].routes == [route]
+    check_merged(_dense_layer, params, lora, x, tol=2e-5, gtol=2e-4)
+
+
+def test_few_rows_compile_without_the_merged_weight():
+    params = {"w": rnd(0, (64, 48), 0.2)}
+    lora = init_lora(params, r=4)
+    x = rnd(1, (1, 2, 64))
+
+    def cost(**kw):
+        f = jax.jit(lora_jax.apply(_dense_layer, **kw))
+        compiled = f.lower(params, lora, x).compile()
+        formed = any("f32[64,48]" in line and "dot(" in line
+                     for line in compiled.as_text().splitlines())
+        return compiled.cost_analysis()["flops"], formed
+
+    (flops_fast, formed_fast), (flops_merged, formed_merged) = cost(), cost(mode="merged")
+    assert formed_merged and not formed_fast
+    assert flops_fast < 0.5 * flops_merged, (flops_fast, flops_merged)
+
+
+def test_few_rows_on_a_quantized_base():
+    params = {"w": rnd(0, (64, 48), 0.2)}
+    base = lora_jax.quantize(params, "nf4", block_size=16, targets="w")
+    dense = {"w": base["w"].dequantize()}
+    lora = init_lora(params, r=4)
+    x = rnd(1, (1, 2, 64))
+    assert lora_jax.report(_dense_layer, base, lora, x)["w"].routes == ["fast-unmerged"]
+    check_merged(_dense_layer, base, lora, x, ref_params=dense, tol=2e-5, gtol=2e-4)

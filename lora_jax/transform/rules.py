@@ -152,6 +152,9 @@ def _dot_inner(cfg: Config, eqn, invals, wi, t: Tagged, x, params):
     elif cfg.unmerged:
         note(cfg, t.path, "dot_general", "fast-unmerged" + tag)
         y = fast_dot.dropout_dot_general(x, x, t.base, lin, spec)
+    elif fast_dot.few_rows(x.shape, spec):  # decode, small batches: merging costs more
+        note(cfg, t.path, "dot_general", "fast-unmerged" + tag)
+        y = fast_dot.unmerged_dot_general(x, t.base, lin, spec)
     else:
         note(cfg, t.path, "dot_general", "fast" + tag)
         y = fast_dot.lora_dot_general(x, t.base, lin, spec)
