@@ -257,6 +257,50 @@ def dropout_dot_general(x, x_dropped, base, leaf, spec: DotSpec):
     return y0 + lowrank(x_dropped, leaf, spec).astype(y0.dtype)
 
 
+def unmerged_dot_general(x, base, leaf, spec: DotSpec):
+    """``dot_general(x, view(W0)) + s·dot_general(x, view(A·B))``: the adapter never merged.
+
+    For uses with few rows (decode, small batches), where forming ``W0 + s·A·B`` costs more
+    than the two thin matmuls (:func:`few_rows`). The frozen base is dequantized at its use
+    and again in the backward pass, as in :func:`lora_dot_general`.
+    """
+
+    @jax.custom_vjp
+    def f(x, base, leaf):
+        y0 = _dot(x, merged_view(base, None, spec.ops, anchor=x), spec)
+        return y0 + lowrank(x, leaf, spec).astype(y0.dtype)
+
+    def fwd(x, base, leaf):
+        return f(x, base, leaf), (x, base, leaf)
+
+    def bwd(res, dy):
+        x, base, leaf = res
+        w0 = merged_view(base, None, spec.ops, anchor=dy)  # recomputed: no weight residual
+        (dx,) = jax.linear_transpose(lambda x_: _dot(x_, w0, spec), x)(dy)
+        y_low, vjp = jax.vjp(lambda x_, l: lowrank(x_, l, spec), x, leaf)
+        dx_low, dl = vjp(dy.astype(y_low.dtype))
+        return (dx + dx_low.astype(dx.dtype)).astype(x.dtype), None, dl
+
+    f.defvjp(fwd, bwd)
+    return f(x, base, leaf)
+
+
+def few_rows(x_shape, spec: DotSpec) -> bool:
+    """True when the unmerged form costs fewer FLOPs than merging, from static shapes.
+
+    Per block of the weight view's batch dims, with ``M`` rows (x's free dims), ``C``
+    contracted and ``N`` free weight elements: merging costs ``2·C·N·r`` (forward, and again
+    when the backward pass recomputes the merged weight), the unmerged low-rank term
+    ``2·M·r·(C + N)`` (forward, and about the same for ``dx`` in the backward pass); the
+    base matmul is common to both. Unmerged wins iff ``M·(C + N) < C·N``.
+    """
+    lay = spec.layout
+    rows = math.prod(n for d, n in enumerate(x_shape)
+                     if d not in spec.x_contract and d not in spec.x_batch)
+    c, n = math.prod(lay.c_shape), math.prod(lay.f_shape)
+    return rows * (c + n) < c * n
+
+
 def base_dot_general(x, base, *, ops, w_is_lhs, params):
     """``dot_general`` with a frozen (e.g. quantized) weight, dequantized at each use.
 

@@ -46,6 +46,7 @@ from lora_jax.layouts.views import (
     REMAT_PRIMS,
     VIEW_PRIMS,
     View,
+    pick_view,
     reshape_axes,
     view_after,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "check_layouts",
     "from_canonical",
     "from_names",
+    "pick_view",
     "reshape_axes",
     "split",
     "to_canonical",

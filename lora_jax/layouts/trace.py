@@ -2,8 +2,10 @@
 
 The jaxpr of the function is walked with a :class:`~lora_jax.layouts.views.View` for each
 float parameter of two or more axes, through calls, ``remat``, ``custom_jvp``/``custom_vjp``,
-``scan``, ``cond`` and ``while``; the first matmul, convolution or row lookup of each weight
-decides its roles and kind.
+``scan``, ``cond`` and ``while``; the first matmul (``dot_general``, or
+``ragged_dot_general`` over a stack of experts), convolution or row lookup of each weight
+decides its roles and kind. A gather that picks whole sub-kernels off a stack axis
+(``w[expert_ids]``) is followed as a view whose picked axes are stack axes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from lora_jax.layouts.views import (
     conv_roles,
     dot_roles,
     gather_roles,
+    pick_view,
+    ragged_roles,
     view_after,
 )
 
@@ -41,8 +45,10 @@ class WeightLayout:
         lookup that reads the weight; ``None`` if no use determines it.
       kind: ``"dense"`` (first read by a matmul or convolution), ``"embedding"`` (first read
         by a row lookup), or ``"other"``.
-      uses: the primitive of every use, in program order (``"dot_general"``, ``"gather"``,
-        ``"conv_general_dilated"``, or any other primitive that reads the weight).
+      uses: the primitive of every use, in program order (``"dot_general"``,
+        ``"ragged_dot_general"``, ``"gather"``, ``"conv_general_dilated"``, or any other
+        primitive that reads the weight).
+      why: for a weight that feeds a contraction but got no roles, the reason; else ``None``.
     """
 
     path: str
@@ -50,10 +56,12 @@ class WeightLayout:
     roles: str | None
     kind: str
     uses: tuple[str, ...]
+    why: str | None = None
 
     def __str__(self) -> str:
+        why = f" ({self.why})" if self.why else ""
         return (f"{self.path}: {self.kind} {self.shape} roles={self.roles} "
-                f"uses={', '.join(self.uses) or 'none'}")
+                f"uses={', '.join(self.uses) or 'none'}{why}")
 
 
 class Layouts(Mapping[str, WeightLayout]):
@@ -128,11 +136,18 @@ class _Recorder:
         self.shapes = shapes
         self.uses: dict[str, list[str]] = {p: [] for p in shapes}
         self.first: dict[str, tuple[str, str | None]] = {}
+        self.why: dict[str, str] = {}  # a contraction that gave the weight no roles
+        self.lookup: dict[str, str | None] = {}  # roles as an embedding, if no matmul follows
 
     def use(self, path: str, prim: str, kind: str | None = None, roles: str | None = None):
         self.uses[path].append(prim)
         if kind is not None and path not in self.first:
             self.first[path] = (kind, roles)
+
+    def unplaced(self, path: str, prim: str, why: str):
+        """A contraction reads the weight but gives it no roles: say why."""
+        self.uses[path].append(prim)
+        self.why.setdefault(path, f"{prim}: {why}")
 
 
 def _walk(rec: _Recorder, jaxpr, env_in: Sequence[tuple[str, View] | None]) -> list:
@@ -169,11 +184,31 @@ def _eqn(rec: _Recorder, eqn, ins) -> list:
         nv = view_after(eqn, v, rec.shapes[path])
         if nv is not None:
             return [(path, nv)]
+    if name in ("dot_general", "ragged_dot_general") and len(tagged) == 2:
+        for i in tagged:
+            rec.unplaced(ins[i][0], name, "multiplied by another weight, not by activations")
+        return none
     if name == "dot_general" and len(tagged) == 1:
         path, v = ins[tagged[0]]
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
         c, b = (lc, lb) if tagged[0] == 0 else (rc, rb)
-        rec.use(path, name, "dense", dot_roles(v, rec.shapes[path], c, b))
+        roles = dot_roles(v, rec.shapes[path], c, b)
+        if roles is None:
+            rec.unplaced(path, name, "reshaped across kernel axes before the matmul")
+        else:
+            rec.use(path, name, "dense", roles)
+        return none
+    if name == "ragged_dot_general" and len(tagged) == 1:
+        path, v = ins[tagged[0]]
+        if tagged[0] != 1:
+            rec.unplaced(path, name, "the weight is the ragged operand (lhs), not the grouped "
+                         "one (rhs)" if tagged[0] == 0 else "the weight is the group sizes")
+            return none
+        roles = ragged_roles(eqn, v, rec.shapes[path])
+        if roles is None:
+            rec.unplaced(path, name, "reshaped across kernel axes before the matmul")
+        else:
+            rec.use(path, name, "dense", roles)
         return none
     if name == "conv_general_dilated" and tagged == [1]:
         path, v = ins[1]
@@ -181,6 +216,11 @@ def _eqn(rec: _Recorder, eqn, ins) -> list:
         return none
     if name == "gather" and tagged == [0]:
         path, v = ins[0]
+        picked = pick_view(eqn, v, rec.shapes[path])
+        if picked is not None:  # w[expert_ids]: the matmul that follows decides
+            rec.use(path, name)
+            rec.lookup.setdefault(path, gather_roles(eqn, v, rec.shapes[path]))
+            return [(path, picked)]
         rec.use(path, name, "embedding", gather_roles(eqn, v, rec.shapes[path]))
         return none
     sub = None
@@ -235,9 +275,11 @@ def trace(fn: Callable, params: Any, *args, **kwargs) -> Layouts:
     """The layout of every weight ``fn(params, *args, **kwargs)`` reads, learned from use.
 
     Traces abstractly (no FLOPs run). Every floating-point parameter with two or more axes
-    is followed through casts, reshapes, transposes, constant indexing, calls, ``remat``,
-    ``scan``, ``cond`` and ``while``; its first matmul (``dot_general``), convolution or row
-    lookup (``gather``) decides its roles, see the module docstring.
+    is followed through casts, reshapes, transposes, constant indexing, expert picks
+    (``w[ids]``), calls, ``remat``, ``scan``, ``cond`` and ``while``; its first matmul
+    (``dot_general``, ``ragged_dot_general``), convolution or row lookup (``gather``) decides
+    its roles, see the module docstring. A weight that a contraction reads but that gets no
+    roles says why (``WeightLayout.why``).
 
     Args:
       fn: the model function, e.g. ``model.apply``.
@@ -272,9 +314,15 @@ def trace(fn: Callable, params: Any, *args, **kwargs) -> Layouts:
         uses = tuple(rec.uses[path])
         if not uses:
             continue
-        kind, roles = rec.first.get(path, ("other", None))
+        first = rec.first.get(path)
+        if first is None and path in rec.lookup:  # picked rows never multiplied: a lookup
+            first = ("embedding", rec.lookup[path])
+        kind, roles = first if first is not None else ("other", None)
+        why = rec.why.get(path) if first is None else None
         if roles is not None and (IN not in roles or OUT not in roles or math.prod(shape) == 0):
+            why = why or (f"its first matmul gives roles {roles!r}, without both an input and "
+                          "an output axis")
             kind = "other"
         out[path] = WeightLayout(path=path, shape=shape, roles=roles,
-                                 kind=kind if roles is not None else "other", uses=uses)
+                                 kind=kind if roles is not None else "other", uses=uses, why=why)
     return Layouts(out)

@@ -111,6 +111,43 @@ def dot_roles(v: View, kernel_shape: Sequence[int], contract: Sequence[int],
     return "".join(roles)
 
 
+def ragged_roles(eqn, v: View, kernel_shape: Sequence[int]) -> str | None:
+    """The roles a ``ragged_dot_general`` use gives its grouped operand (``rhs``): the group
+    (expert) axis and batch dims are stack axes, contracted dims inputs, the rest outputs."""
+    dn = eqn.params["ragged_dot_dimension_numbers"]
+    (_, rc), (_, rb) = dn.dot_dimension_numbers
+    return dot_roles(v, kernel_shape, rc, tuple(rb) + tuple(dn.rhs_group_dimensions))
+
+
+def pick_view(eqn, v: View, kernel_shape: Sequence[int]) -> View | None:
+    """``w[ids]`` picking whole sub-kernels (an expert's ``(D, F)`` matrix per token) off a
+    stack axis: the view of the picked kernels, with the picked axes fixed at a dynamic
+    index; ``None`` if the gather is a row lookup (one kernel axis left: an embedding) or
+    slices across kernel axes.
+    """
+    if v.axes is None:
+        return None
+    dn = eqn.params["dimension_numbers"]
+    if getattr(dn, "operand_batching_dims", ()):
+        return None
+    in_shape = tuple(eqn.invars[0].aval.shape)
+    sizes = tuple(eqn.params["slice_sizes"])
+    collapsed = tuple(dn.collapsed_slice_dims)
+    kept = [d for d in range(len(in_shape)) if d not in collapsed]
+    if any(sizes[d] != in_shape[d] for d in kept) or any(sizes[d] != 1 for d in collapsed):
+        return None
+    picked = [k for d in collapsed for k in v.axes[d] if kernel_shape[k] != 1]
+    if any(len([k for k in v.axes[d] if kernel_shape[k] != 1]) > 1 for d in collapsed):
+        return None
+    if len([k for d in kept for k in v.axes[d] if kernel_shape[k] != 1]) < 2:
+        return None  # a row lookup: an embedding
+    out_ndim = len(eqn.outvars[0].aval.shape)
+    axes: list = [()] * out_ndim  # the index dims hold no kernel axis
+    for pos, d in zip(dn.offset_dims, kept):
+        axes[pos] = v.axes[d]
+    return View(tuple(axes), v.fixed + tuple((k, None) for k in picked))
+
+
 def conv_roles(eqn, v: View, kernel_shape) -> str | None:
     """A convolution contracts the kernel's input-feature and spatial axes."""
     if v.axes is None or eqn.params.get("feature_group_count", 1) != 1:

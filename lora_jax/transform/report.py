@@ -13,9 +13,14 @@ class Use:
       primitive: the JAX primitive that reads the weight (``"dot_general"``, ``"gather"``,
         ``"scan"``, ...).
       route: ``"fast"`` (the dW-free LoRA matmul), ``"fast-dropout"`` (its unmerged form
-        with LoRA dropout), either with ``"+rescale"`` for a kind that rescales output units
-        after it (DoRA), ``"gather"`` (``A[ids]·B`` for an embedding lookup),
-        ``"dequantize"`` (a quantized base weight without adapter, dequantized at use) or
+        with LoRA dropout), ``"fast-unmerged"`` (``x·W0 + s·(x·A)·B``, for uses with few
+        rows, where merging costs more: decode, small batches), any of them with
+        ``"+rescale"`` for a kind that rescales output units after it (DoRA), ``"grouped"``
+        / ``"grouped-dropout"`` (a ``ragged_dot_general`` over a stack of experts as grouped
+        matmuls, the adapter never merged), ``"gather"`` (``A[ids]·B`` for an embedding
+        lookup),
+        ``"dequantize"`` (a quantized base weight without adapter, dequantized at use, in a
+        ``dot_general`` or ``ragged_dot_general``) or
         ``"fallback"`` (the merged weight ``W0 + s·A·B`` for this use: correct, slower).
       reason: why a use fell back; ``None`` otherwise.
     """

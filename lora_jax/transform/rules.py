@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lora_jax import fast_dot, protocols
+from lora_jax import fast_dot, grouped_dot, protocols
 from lora_jax import layouts as Lay
 from lora_jax import paths as P
 from lora_jax.leaves import LowRankLeaf
@@ -152,6 +152,9 @@ def _dot_inner(cfg: Config, eqn, invals, wi, t: Tagged, x, params):
     elif cfg.unmerged:
         note(cfg, t.path, "dot_general", "fast-unmerged" + tag)
         y = fast_dot.dropout_dot_general(x, x, t.base, lin, spec)
+    elif fast_dot.few_rows(x.shape, spec):  # decode, small batches: merging costs more
+        note(cfg, t.path, "dot_general", "fast-unmerged" + tag)
+        y = fast_dot.unmerged_dot_general(x, t.base, lin, spec)
     else:
         note(cfg, t.path, "dot_general", "fast" + tag)
         y = fast_dot.lora_dot_general(x, t.base, lin, spec)
@@ -159,6 +162,56 @@ def _dot_inner(cfg: Config, eqn, invals, wi, t: Tagged, x, params):
         return y
     w0 = lax.stop_gradient(protocols.dense(t.base, after=x))
     return fast_dot.rescale_output(y, t.lora.output_scale(w0), spec)
+
+
+@rule("ragged_dot_general")
+def ragged_dot_general(cfg: Config, eqn, invals):
+    """Tokens sorted by expert times a stack of expert kernels: grouped matmuls with the
+    adapter unmerged (:mod:`lora_jax.grouped_dot`)."""
+    x, t, group_sizes = invals
+    if not isinstance(t, Tagged) or isinstance(x, Tagged) or isinstance(group_sizes, Tagged):
+        return fallback(cfg, eqn, invals, "the weight is not the grouped operand (rhs)")
+    dn = eqn.params["ragged_dot_dimension_numbers"]
+    (lc, rc), (lb, rb) = dn.dot_dimension_numbers
+    if len(dn.rhs_group_dimensions) != 1 or lb or rb or eqn.params.get("group_offset") is not None:
+        return fallback(cfg, eqn, invals, "a ragged_dot_general other than rows grouped by "
+                        "expert (one group dimension, no batch dimensions, no group_offset)")
+    (w_group,) = dn.rhs_group_dimensions
+    (x_ragged,) = dn.lhs_ragged_dimensions
+    w_free = tuple(d for d in range(len(t.shape)) if d not in rc and d != w_group)
+    grouped_dot.check_group_sizes(group_sizes, x.shape[x_ragged], t.shape[w_group], t.path)
+    out_dtype = eqn.outvars[0].aval.dtype
+    cd = cfg.compute_dtype
+    if cd is not None and jnp.issubdtype(x.dtype, jnp.floating) and (
+            jnp.dtype(cd) != x.dtype or jnp.dtype(cd) != t.dtype):
+        cd = jnp.dtype(cd)
+        cast = (lax.convert_element_type_p, dict(new_dtype=cd, weak_type=False, sharding=None))
+        t = dataclasses.replace(t, ops=t.ops + (cast,), dtype=cd)
+        x = x.astype(cd)
+    params = tuple(sorted(eqn.params.items(), key=lambda kv: kv[0]))
+    if t.lora is None:  # a quantized expert stack without adapter
+        note(cfg, t.path, "ragged_dot_general", "dequantize")
+        y = grouped_dot.frozen_ragged_dot(x, t.base, group_sizes, t.ops, params)
+        return y.astype(out_dtype)
+    layout = _lowrank_layout(t, t.lora, tuple(rc), (w_group,), w_free)
+    if isinstance(layout, str):
+        return fallback(cfg, eqn, invals, layout)
+    if t.lora.linear_part() is not t.lora:
+        return fallback(cfg, eqn, invals, "the adapter rescales output units (DoRA), which has "
+                        "no grouped rule: init the experts' adapters without dora=True (exclude= "
+                        "them from the DoRA init) to keep the grouped fast path")
+    spec = grouped_dot.RaggedSpec(layout=layout, ops=t.ops, params=params, view_dtype=t.dtype,
+                                  x_contract=tuple(lc), x_ragged=x_ragged)
+    x_low = x
+    if t.lora.dropout > 0.0 and cfg.rng is not None:
+        note(cfg, t.path, "ragged_dot_general", "grouped-dropout")
+        keep = 1.0 - t.lora.dropout
+        mask = jax.random.bernoulli(use_key(cfg, cfg.rng, t.path), keep, x.shape)
+        x_low = jnp.where(mask, x / keep, 0).astype(x.dtype)
+    else:
+        note(cfg, t.path, "ragged_dot_general", "grouped")
+    y = grouped_dot.lora_ragged_dot(x, x_low, t.base, t.lora, group_sizes, spec)
+    return y.astype(out_dtype)
 
 
 def use_key(cfg: Config, rng: jax.Array, path: str) -> jax.Array:
@@ -189,6 +242,11 @@ def gather(cfg: Config, eqn, invals):
         and not getattr(dn, "operand_batching_dims", ())
         and tuple(eqn.params["slice_sizes"]) == (1, ks[1])
     )
+    if lr is not None and Lay.pick_view(eqn, Lay.View(t.axes, t.fixed), ks) is not None:
+        return fallback(cfg, eqn, invals, "expert kernels picked per token (w[ids]) before the "
+                        "matmul have no fast rule; sort tokens by expert and use "
+                        "jax.lax.ragged_dot, or an einsum with the expert axis as a batch "
+                        "dimension")
     if lr is None or not plain:  # (plain implies lr is not None)
         return fallback(cfg, eqn, invals, "gather other than a row lookup")
     note(cfg, t.path, "gather", "gather")
