@@ -226,3 +226,130 @@ def test_unexpected_and_misplaced_tensors(tmp_path):
     (tmp_path / "dense").mkdir()
     with pytest.raises(ValueError, match=r"expert tensors .*layers\.0.*layers without experts"):
         moe.from_safetensors(_edit_config(tmp_path / "dense", mlp_only_layers=[0, 1]))
+
+
+# --------------------------------------------------------------------------- PEFT experts
+
+PEFT_DIR = os.path.join(DATA, "peft_lora")
+
+
+def test_peft_expert_adapter_matches_peft_logits(loaded, io):
+    """PEFT's target_parameters (ParamWrapper) adapter on the 3-D experts, and target_modules
+    on q/v: loaded, applied on our model == PEFT's logits."""
+    cfg, base = loaded
+    lora = lora_jax.peft.load(PEFT_DIR, base, name_map="qwen3_moe")
+    gate_up = lora["params"]["layers_0"]["mlp"]["experts"]["gate_up_proj"]["kernel"]
+    assert (gate_up.a.shape, gate_up.b.shape, gate_up.scale) == ((8, 32, 4), (8, 4, 32), 2.0)
+    assert "experts" not in lora["params"]["layers_1"].get("mlp", {})
+    ids = jnp.asarray(io["input_ids"], jnp.int32)
+    got = jax.jit(lora_jax.apply(moe.MoeModel(cfg).apply))(base, lora, ids)
+    assert _rel(io["peft_logits"], io["logits"]) > 0.5  # the adapter matters
+    assert _rel(got, io["peft_logits"]) <= 1e-4
+
+
+def test_peft_expert_factors_by_hand(loaded):
+    """Expert e's update is scaling · B[:, :, e] @ A[e] with A = lora_A.reshape(E, r, in),
+    B = lora_B.reshape(out, r, E) (PEFT ParamWrapper.get_delta_weight), as a (out, in)
+    weight: our (in, out) kernel's update is its transpose."""
+    from safetensors.numpy import load_file
+
+    _, base = loaded
+    tensors = load_file(os.path.join(PEFT_DIR, "adapter_model.safetensors"))
+    lora = lora_jax.peft.load(PEFT_DIR, base, name_map="qwen3_moe")
+    head = "base_model.model.model.layers.2.mlp.experts."
+    for param, prefix, (n_in, n_out) in (("gate_up_proj", head + "base_layer.", (32, 32)),
+                                         ("down_proj", head, (16, 32))):
+        a = tensors[prefix + "lora_A.weight"].astype(np.float64).reshape(8, 4, n_in)
+        b = tensors[prefix + "lora_B.weight"].astype(np.float64).reshape(n_out, 4, 8)
+        want = np.einsum("ore,eri->eio", b, a) * 8 / 4  # (E, in, out)
+        leaf = lora["params"]["layers_2"]["mlp"]["experts"][param]["kernel"]
+        got = np.asarray(leaf.delta(), np.float64)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_peft_expert_adapter_saves_as_peft_wrote_it(loaded, tmp_path):
+    _, base = loaded
+    from safetensors.numpy import load_file
+
+    lora = lora_jax.peft.load(PEFT_DIR, base, name_map="qwen3_moe")
+    cfg = lora_jax.peft.save(tmp_path, lora, name_map="qwen3_moe")
+    ours = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+    theirs = load_file(os.path.join(PEFT_DIR, "adapter_model.safetensors"))
+    assert sorted(ours) == sorted(theirs)
+    for k in theirs:
+        assert np.array_equal(ours[k], theirs[k]), k
+    with open(os.path.join(PEFT_DIR, "adapter_config.json")) as f:
+        peft_cfg = json.load(f)
+    assert (cfg["r"], cfg["lora_alpha"], cfg["rank_pattern"], cfg["alpha_pattern"]) == (
+        peft_cfg["r"], peft_cfg["lora_alpha"], {}, {})
+    # PEFT matches both spellings: full names, or suffixes as the reference config has them
+    assert all(any(k.endswith("." + t) for t in peft_cfg["target_parameters"])
+               for k in cfg["target_parameters"])
+    assert len(cfg["target_parameters"]) == 4  # 2 sparse layers x 2 parameters
+
+
+def test_peft_expert_roundtrip_with_rank_pattern(loaded, io, tmp_path):
+    """Different ranks and alphas per expert parameter (rank_pattern/alpha_pattern keyed by
+    the parameter's name), one parameter alone in its module (no base_layer nesting)."""
+    cfg, base = loaded
+    key = jax.random.key(3)
+    first = lora_jax.init(base, r=3, alpha=5.0, key=key, targets=r".*/experts/gate_up_proj/kernel",
+                          stack_axes=moe.EXPERT_STACK_AXES)
+    second = lora_jax.init(base, r=2, alpha=7.0, key=key,
+                           targets=[r".*layers_0/mlp/experts/down_proj/kernel", ".*o_proj/kernel"],
+                           stack_axes=moe.EXPERT_STACK_AXES)
+    rng = np.random.default_rng(4)
+    leaves = {**L.leaves(first), **L.leaves(second)}
+    leaves = {p: x.replace(b=jnp.asarray(0.3 * rng.standard_normal(x.b.shape), jnp.float32))
+              for p, x in leaves.items()}
+    lora = L.from_leaves(leaves)
+    saved = lora_jax.peft.save(tmp_path, lora, name_map="qwen3_moe")
+    assert "model.layers.2.mlp.experts.gate_up_proj" in saved["target_parameters"]
+    assert "model.layers.2.mlp.experts.down_proj" not in saved["target_parameters"]
+    from safetensors.numpy import load_file
+
+    keys = set(load_file(os.path.join(tmp_path, "adapter_model.safetensors")))
+    # layer 2: gate_up_proj alone -> no base_layer; layer 0: gate_up_proj inside down_proj's
+    assert "base_model.model.model.layers.2.mlp.experts.lora_A.weight" in keys
+    assert "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight" in keys
+    back = lora_jax.peft.load(tmp_path, base, name_map="qwen3_moe")
+    assert sorted(L.leaves(back)) == sorted(leaves)
+    for p, x in leaves.items():
+        y = L.leaves(back)[p]
+        assert y.scale == x.scale and y.r == x.r, p
+        assert max_rel_err(y.delta(), x.delta()) < 1e-6, p
+
+
+def _peft_copy(tmp_path, change_config=None, drop=()):
+    from safetensors.numpy import load_file, save_file
+
+    tmp_path.mkdir()
+    with open(os.path.join(PEFT_DIR, "adapter_config.json")) as f:
+        config = json.load(f)
+    config.update(change_config or {})
+    with open(tmp_path / "adapter_config.json", "w") as f:
+        json.dump(config, f)
+    tensors = {k: v for k, v in load_file(os.path.join(PEFT_DIR, "adapter_model.safetensors"))
+               .items() if k not in drop}
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    return tmp_path
+
+
+def test_peft_expert_bad_inputs(loaded, tmp_path):
+    _, base = loaded
+    load = lora_jax.peft.load
+    bad = _peft_copy(tmp_path / "a",
+                     {"target_parameters": ["mlp.experts.gate_proj", "mlp.experts.down_proj"]})
+    with pytest.raises(ValueError, match=r"target_parameters entry 'mlp.experts.gate_proj' "
+                                         r"names no parameter"):
+        load(bad, base, name_map="qwen3_moe")
+    missing = "base_model.model.model.layers.2.mlp.experts.base_layer.lora_B.weight"
+    bad = _peft_copy(tmp_path / "b", drop=[missing])
+    with pytest.raises(ValueError, match=f"no tensor '{missing}'"):
+        load(bad, base, name_map="qwen3_moe")
+    bad = _peft_copy(tmp_path / "c", {"r": 2})
+    with pytest.raises(ValueError, match=r"experts.lora_A.weight' has shape \(32, 16\), "
+                                         r"expected \(16, 16\) \(r=2, 8 experts"):
+        load(bad, base, name_map="qwen3_moe")
+    with pytest.raises(ValueError, match="target_parameters.*name_map='llama' has none"):
+        load(PEFT_DIR, base, name_map="llama")

@@ -24,7 +24,7 @@ PREFIX = "base_model.model."  # PeftModel's prefix of every adapter tensor key
 _UNSUPPORTED = ("lora_bias", "use_qalora", "use_bdlora", "velora_config",
                 "alora_invocation_tokens", "monteclora_config", "arrow_config", "kasa_config",
                 "modules_to_save", "trainable_token_indices", "layer_replication",
-                "target_parameters", "megatron_config")
+                "megatron_config")  # target_parameters: lora_jax.peft.experts
 
 
 def pattern_key(pattern_keys: Sequence[str], name: str) -> str:

@@ -19,6 +19,11 @@ Writes under ``tests/data/moe/``:
   ``peft_logits`` of the adapted model, ``route_gap``: the smallest gap between the k-th and the
   (k+1)-th router probability over all tokens and MoE layers (so that float32 rounding cannot
   change which experts a token goes to).
+
+``make_moe_refs.py --check FOLDER`` instead loads the adapter folder FOLDER (written by
+``lora_jax.peft.save``) with ``PeftModel.from_pretrained`` on the reference model and compares
+its logits for ``io.npz``'s ids with ``FOLDER/logits.npy`` (lora_jax's logits of the same
+adapter), printing the largest difference relative to max |logit|.
 """
 
 from __future__ import annotations
@@ -114,5 +119,22 @@ def main() -> None:
           file=sys.stderr)
 
 
+def check(folder: str) -> None:
+    model = Qwen3MoeForCausalLM.from_pretrained(os.path.join(OUT, "model")).eval()
+    pmodel = peft.PeftModel.from_pretrained(model, folder).eval()
+    ids = torch.from_numpy(np.load(os.path.join(OUT, "io.npz"))["input_ids"])
+    with torch.no_grad():
+        got = pmodel(ids).logits.float().numpy()
+    want = np.load(os.path.join(folder, "logits.npy"))
+    with torch.no_grad(), pmodel.disable_adapter():
+        base = pmodel(ids).logits.float().numpy()
+    scale = np.abs(want).max()
+    print(json.dumps({"rel_err": float(np.abs(got - want).max() / scale),
+                      "adapter_change": float(np.abs(base - want).max() / scale)}))
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--check":
+        check(sys.argv[2])
+    else:
+        main()
