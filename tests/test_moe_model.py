@@ -98,27 +98,46 @@ def test_fused_expert_layout_loads_the_same(tmp_path, loaded):
     assert max_rel_err(got, want) == 0.0
 
 
+def test_expert_sources_read_any_slice():
+    """The per-expert layout's sources (stacked experts of concatenated gate|up) give the
+    slices a mesh or a quantized load reads, as the whole array would."""
+    from lora_jax.models import streaming
+
+    rng = np.random.default_rng(2)
+    gates = [rng.standard_normal((5, 3)) for _ in range(4)]  # (f, d) each, as torch stores
+    ups = [rng.standard_normal((5, 3)) for _ in range(4)]
+    source = moe.Stacked(tuple(moe.Concatenated((
+        streaming.Transposed(streaming.Array(g), (1, 0)),
+        streaming.Transposed(streaming.Array(u), (1, 0)))) for g, u in zip(gates, ups)))
+    whole = np.stack([np.concatenate([g.T, u.T], axis=-1) for g, u in zip(gates, ups)])
+    assert source.shape == whole.shape == (4, 3, 10)
+    for index in [(slice(None),) * 3, (slice(1, 3), slice(None), slice(2, 8)),
+                  (slice(3, 4), slice(0, 2), slice(5, 10)),
+                  (slice(0, 4), slice(2, 3), slice(0, 5))]:
+        np.testing.assert_array_equal(source.read(index), whole[index])
+
+
 def test_quantized_load(loaded, io):
+    """NF4 on load (the experts, to keep the test fast; the other kernels quantize the same
+    way as in the Llama loader), blocks within each expert."""
     cfg, dense = loaded
-    _, q = moe.from_safetensors(MODEL, quantize="nf4")
+    opts = {"format": "nf4", "targets": r".*/experts/.*"}
+    _, q = moe.from_safetensors(MODEL, quantize=opts)
     experts = q["params"]["layers_0"]["mlp"]["experts"]
     for name, shape in (("gate_up_proj", (8, 32, 32)), ("down_proj", (8, 16, 32))):
         leaf = experts[name]["kernel"]
         assert lora_jax.quant.is_quantized(leaf) and leaf.shape == shape
         assert leaf.order[0] == 0  # the expert axis leads: blocks stay within one expert
     # As the dense load quantized with the expert axis as a stack axis, codes bit for bit.
-    want = lora_jax.quantize(dense, "nf4", stack_axes=moe.EXPERT_STACK_AXES)
+    want = lora_jax.quantize(dense, stack_axes=moe.EXPERT_STACK_AXES, **opts)
     for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(want)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
-    # Each dequantized weight near its dense value (NF4: a few percent RMS).
-    for a, b in zip(jax.tree.leaves(lora_jax.quant.dequantize_tree(q)), jax.tree.leaves(dense)):
+    deq = lora_jax.quant.dequantize_tree(q)
+    for a, b in zip(jax.tree.leaves(deq), jax.tree.leaves(dense)):  # NF4: a few percent RMS
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         assert np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)) < 0.15
-    # NF4 on every weight of this tiny random model moves the logits by tens of percent;
-    # int8 keeps them within a few percent of transformers' logits.
-    _, q8 = moe.from_safetensors(MODEL, quantize="int8")
-    err = _rel(_logits(cfg, lora_jax.quant.dequantize_tree(q8), io["input_ids"]), io["logits"])
-    assert 1e-4 < err < 0.05, err
+    err = _rel(_logits(cfg, deq, io["input_ids"]), io["logits"])
+    assert 1e-3 < err < 0.3, err  # measured 0.14 (0.56 with every kernel in NF4)
 
 
 def test_lora_on_experts_matches_the_merged_weights(loaded, io):
@@ -148,6 +167,40 @@ def test_lora_on_experts_matches_the_merged_weights(loaded, io):
     want = _logits(cfg, merged, io["input_ids"])
     assert _rel(want, io["logits"]) > 0.05  # the adapters change the outputs
     assert _rel(got, want) <= 1e-5
+
+
+def test_lora_on_experts_gradients_match_the_merged_formula(loaded, io):
+    """d loss / d (a, b) through lora_jax.apply == through the model run on W + s·a·b
+    written out in jnp (per expert)."""
+    cfg, base = loaded
+    lora = lora_jax.init(base, r=2, alpha=4.0, key=jax.random.key(5),
+                         targets=r".*/experts/\w+/kernel", stack_axes=moe.EXPERT_STACK_AXES)
+    rng = np.random.default_rng(6)
+    lora = L.from_leaves({p: x.replace(b=jnp.asarray(0.3 * rng.standard_normal(x.b.shape),
+                                                     jnp.float32))
+                          for p, x in L.leaves(lora).items()})
+    ids = jnp.asarray(io["input_ids"], jnp.int32)
+    model = moe.MoeModel(cfg)
+    weights = jnp.asarray(rng.standard_normal(io["logits"].shape), jnp.float32)
+
+    def by_apply(lo):
+        return jnp.sum(lora_jax.apply(model.apply)(base, lo, ids) * weights)
+
+    def by_formula(lo):
+        params = jax.tree.map(lambda x: x, base)
+        for path, x in L.leaves(lo).items():
+            node = params
+            keys = path.split("/")
+            for k in keys[:-1]:
+                node = node[k]
+            node[keys[-1]] = node[keys[-1]] + jnp.einsum("eir,ero->eio", x.a, x.b) * x.scale
+        return jnp.sum(model.apply(params, ids) * weights)
+
+    got = jax.jit(jax.grad(by_apply))(lora)
+    want = jax.jit(jax.grad(by_formula))(lora)
+    assert max_rel_err(got, want) < 1e-4
+    assert float(jnp.abs(got["params"]["layers_0"]["mlp"]["experts"]["down_proj"]["kernel"].a)
+                 .max()) > 0
 
 
 def _edit_config(tmp_path, **changes):
