@@ -406,3 +406,16 @@ def test_peft_expert_bad_inputs(loaded, tmp_path):
         load(bad, base, name_map="qwen3_moe")
     with pytest.raises(ValueError, match="target_parameters.*name_map='llama' has none"):
         load(PEFT_DIR, base, name_map="llama")
+
+
+def test_peft_expert_save_refuses_what_peft_cannot_read(loaded, tmp_path):
+    _, base = loaded
+    flat = lora_jax.init(base, r=2, key=jax.random.key(0), targets=r".*/experts/down_proj/kernel")
+    with pytest.raises(ValueError, match=r"down_proj/kernel' must be laid out as \(experts, in, "
+                                         r"out\) with one stack axis"):
+        lora_jax.peft.save(tmp_path / "a", flat, name_map="qwen3_moe")
+    dropped = lora_jax.init(base, r=2, key=jax.random.key(0), dropout=0.1,
+                            targets=r".*/experts/down_proj/kernel",
+                            stack_axes=moe.EXPERT_STACK_AXES)
+    with pytest.raises(ValueError, match="dropout 0.1; PEFT's target_parameters adapters refuse"):
+        lora_jax.peft.save(tmp_path / "b", dropped, name_map="qwen3_moe")
