@@ -19,6 +19,7 @@ from safetensors import numpy as st
 
 from lora_jax import lora as L
 from lora_jax import validation as V
+from lora_jax.peft import experts
 from lora_jax.peft.build import adalora_masks, load_adalora, load_lora
 from lora_jax.peft.config import (
     CONFIG_NAME,
@@ -109,8 +110,10 @@ def load(
     peft_type = check_config(cfg, where)
     check_values(cfg, peft_type, where)
     ada = peft_type == "ADALORA"
-    mods = _split_keys(_read_tensors(directory), peft_type, bool(cfg.get("use_dora")))
-    if not mods:
+    tensors = _read_tensors(directory)
+    expert_leaves = experts.take(cfg, tensors, params, name_map, dtype)  # target_parameters
+    mods = _split_keys(tensors, peft_type, bool(cfg.get("use_dora")))
+    if not mods and not expert_leaves:
         raise ValueError(f"load: {WEIGHTS_NAME} in {os.fspath(directory)!r} has no adapter tensors")
     targets = targets_of(params, name_map, in_axes, stack_axes)
     where = {m[1]: (t, m) for t in targets.values() for m in t.modules}
@@ -154,6 +157,7 @@ def load(
             out[path] = load_adalora(t, per_index, mods, masks, cfg, dtype, dropout)
         else:
             out[path] = load_lora(t, per_index, mods, cfg, dtype, dropout)
+    out.update(expert_leaves)
     from lora_jax.init_schemes import peft_residual_init  # PiSSA/OLoRA: their own base only
 
     residual = peft_residual_init(cfg.get("init_lora_weights", True))

@@ -60,14 +60,26 @@ def _llama_name_map() -> dict[str, str]:
                 r"model.layers.\1.\2"}
 
 
+def _qwen3_moe_name_map() -> dict[str, str]:
+    # Hugging Face Qwen3MoeForCausalLM's module names (lora_jax.models.moe.hf_names): Llama's,
+    # the q/k norms, and the router ``mlp.gate``. The expert kernels are parameters, not
+    # modules: lora_jax.peft.experts.EXPERT_MAPS["qwen3_moe"] names them.
+    m = _llama_name_map()
+    m[r"params/layers_(\d+)/self_attn/(q_norm|k_norm)/scale"] = r"model.layers.\1.self_attn.\2"
+    return m
+
+
 NAME_MAPS: dict[str, NameMap] = {"default": default_name_map, "gpt": _gpt_name_map(),
-                                 "llama": _llama_name_map()}
+                                 "llama": _llama_name_map(), "qwen3_moe": _qwen3_moe_name_map()}
 """Built-in name maps by name (pass the name as ``name_map``); add entries for other models.
 
 * ``"llama"`` (:class:`lora_jax.models.llama.Llama`): Hugging Face ``LlamaForCausalLM``
   names, ``layers_{i}/self_attn/q_proj`` -> ``model.layers.{i}.self_attn.q_proj``, and so
   on for every projection, norm, ``embed_tokens`` and ``lm_head``: PEFT adapters of Llama
   models (SmolLM2, Llama 2/3, ...) load and save with no hand-written map.
+* ``"qwen3_moe"`` (:class:`lora_jax.models.moe.MoeModel`): ``"llama"``'s names, the
+  ``q_norm``/``k_norm`` of attention and the router ``mlp.gate``; the stacked expert kernels
+  are PEFT ``target_parameters`` (:mod:`lora_jax.peft.experts`).
 * ``"gpt"`` (:class:`lora_jax.models.gpt.GPT`): ``embed`` -> ``transformer.wte``, ``pos``
   -> ``transformer.wpe.weight``, ``block_{i}/{ln1,q,k,v,o,ln2,up,down}`` (or the scanned
   ``layers/block/...``) -> ``transformer.h.{i}.{ln_1, attn.q_proj, attn.k_proj,

@@ -19,6 +19,7 @@ from safetensors import numpy as st
 
 from lora_jax import layouts
 from lora_jax import lora as L
+from lora_jax.peft import experts
 from lora_jax.peft.config import CONFIG_NAME, PREFIX, WEIGHTS_NAME, check_config, patterns
 from lora_jax.peft.modules import Target, supported, target
 from lora_jax.peft.names import NameMap, map_parts, resolve
@@ -114,9 +115,12 @@ def save(
                         f"{sorted({type(x).__name__ for x in lmap.values()})}")
     ada = peft_types == {"ADALORA"}
     fn = resolve(name_map)
-    tensors: dict[str, np.ndarray] = {}
+    expert_part = experts.save_part(lmap, name_map, dtype)  # PEFT's target_parameters
+    tensors: dict[str, np.ndarray] = dict(expert_part.tensors)
     ranks, alphas, rslora, dropout = {}, {}, {}, {}
     for path, leaf in lmap.items():
+        if path in expert_part.paths:
+            continue
         parts = map_parts(fn, path)
         if parts is None:
             raise ValueError(f"save: name_map gives no PyTorch module name for {path!r}")
@@ -142,12 +146,22 @@ def save(
         warnings.warn(f"save: PEFT has one lora_dropout; the modules have {set(dropout.values())},"
                       " writing the most common", stacklevel=2)
     names = sorted(ranks)
+    ranks.update(expert_part.ranks)
+    alphas.update(expert_part.alphas)
+    rslora.update(expert_part.rslora)
     cfg: dict[str, Any] = dict(
         task_type=None, base_model_name_or_path=None, inference_mode=True,
-        target_modules=names, lora_dropout=_most_common(list(dropout.values())), bias="none",
+        target_modules=names, bias="none",
+        lora_dropout=_most_common(list(dropout.values())) if dropout else 0.0,
         fan_in_fan_out=False, init_lora_weights=True, use_dora=False, modules_to_save=None,
         layers_to_transform=None, layers_pattern=None,
     )
+    if expert_part.target_parameters:
+        if cfg["lora_dropout"]:
+            raise ValueError("save: PEFT refuses lora_dropout with target_parameters (the "
+                             "expert adapters); the other adapters have dropout "
+                             f"{cfg['lora_dropout']}")
+        cfg["target_parameters"] = expert_part.target_parameters
     cfg.update(next(iter(lmap.values())).peft_config)  # DoRA: use_dora=True
     bases = {getattr(x, "residual_init", "") for x in lmap.values()}
     if len(bases) > 1:
