@@ -192,3 +192,31 @@ def test_model_specific_class_with_disagreeing_flags(tmp_path):
     agreeing = copy_folder(tmp_path, "metaspace", {"tokenizer_class": "GemmaTokenizer",
                                                    "add_bos_token": True, "add_eos_token": True})
     assert hf_tokenizer.load(agreeing).encode("a")[-1] == REFS["metaspace"]["eos_id"]
+
+
+def test_added_tokens_must_agree_with_tokenizer_json(tmp_path):
+    """transformers adds a config token that tokenizer.json lacks (new ids): refused here."""
+    tok = hf_tokenizer.load(copy_folder(tmp_path, "metaspace", {"added_tokens_decoder": {
+        "4": {"content": "<start_of_turn>", "special": True}}}))
+    assert tok.encode("<start_of_turn>", add_special_tokens=False) == [4]
+    for n, entry in enumerate(({"399": {"content": "<tool>", "special": True}},  # absent
+                               {"7": {"content": "<start_of_turn>", "special": True}})):  # moved
+        folder = copy_folder(tmp_path / f"case{n}", "metaspace", {"added_tokens_decoder": entry})
+        with pytest.raises(ValueError, match=r"added_tokens_decoder\[.*the ids would differ"):
+            hf_tokenizer.load(folder)
+
+
+def test_unsupported_transformers_options_are_refused():
+    tok = hf_tokenizer.load(DATA / "bytelevel")
+    with pytest.raises(TypeError, match="continue_final_message"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}], continue_final_message=True)
+
+
+def test_generation_tag_renders_its_body():
+    """Assistant-mask templates ({% generation %}) render as transformers renders them."""
+    tok = hf_tokenizer.load(DATA / "bytelevel")
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}"
+                         "{% generation %}{{ m['content'] }}{% endgeneration %}"
+                         "{% else %}{{ m['content'] }}{% endif %}|{% endfor %}")
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert tok.apply_chat_template(chat, tokenize=False) == "q|a|"

@@ -31,6 +31,11 @@ from typing import Any
 # transformers' SPECIAL_TOKENS_ATTRIBUTES: the names a chat template sees as variables.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
                        "cls_token", "mask_token")
+# transformers' apply_chat_template options that change the output outside the template; here
+# they would silently become template variables, so they are refused.
+UNSUPPORTED_OPTIONS = ("continue_final_message", "return_assistant_tokens_mask",
+                       "sanitize_control_tokens", "return_dict", "return_tensors", "padding",
+                       "truncation", "max_length", "tokenizer_kwargs", "chat_template")
 # Names a message's reasoning may come under; templates read the first (transformers' aliases).
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
@@ -170,6 +175,11 @@ class HFTokenizer:
           **variables: more template variables (``tools``, ``documents``, ``enable_thinking``,
             ...); they override the special tokens of the same name.
         """
+        unsupported = sorted(set(variables) & set(UNSUPPORTED_OPTIONS))
+        if unsupported:
+            raise TypeError(f"apply_chat_template: {unsupported} are transformers options this "
+                            "reader does not implement (they would otherwise reach the template "
+                            "as variables and change nothing)")
         if self.chat_template is None:
             raise ValueError(f"{self.folder}: no chat template (neither chat_template.jinja nor "
                              "a chat_template in tokenizer_config.json)")
@@ -327,6 +337,7 @@ def load(folder: str | os.PathLike, *, vocab_size: int | None = None) -> HFToken
         token = _token_text(config.get(name), name, config_path)
         if token is not None:
             special[name] = token
+    _check_added_tokens(backend, config, config_path)
     template = _chat_template(where, config, config_path)
     tok = HFTokenizer(backend, special_tokens=special, chat_template=template,
                       clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces")),
@@ -335,6 +346,22 @@ def load(folder: str | os.PathLike, *, vocab_size: int | None = None) -> HFToken
     if vocab_size is not None:
         tok.check_vocab(vocab_size)
     return tok
+
+
+def _check_added_tokens(backend: Any, config: dict, config_path: str) -> None:
+    """The config's added_tokens_decoder must agree with tokenizer.json: transformers would add
+    a token missing from it, and the ids would then differ from this reader's."""
+    added = config.get("added_tokens_decoder") or {}
+    if not isinstance(added, dict):
+        raise ValueError(f"{config_path}: added_tokens_decoder must be an object {{id: token}}")
+    for key, entry in added.items():
+        content = _token_text(entry, f"added_tokens_decoder[{key!r}]", config_path)
+        found = backend.token_to_id(content) if content is not None else None
+        if not str(key).isdigit() or found != int(key):
+            has = "not at all" if found is None else f"as id {found}"
+            raise ValueError(f"{config_path}: added_tokens_decoder[{key!r}] is {content!r}, which "
+                             f"tokenizer.json has {has}; transformers would add or move it, so "
+                             "the ids would differ")
 
 
 def _chat_template(folder: str, config: dict, config_path: str) -> str | None:
