@@ -220,3 +220,14 @@ def test_generation_tag_renders_its_body():
                          "{% else %}{{ m['content'] }}{% endif %}|{% endfor %}")
     chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     assert tok.apply_chat_template(chat, tokenize=False) == "q|a|"
+
+
+def test_check_vocab_takes_any_integer():
+    np = pytest.importorskip("numpy")
+    tok = hf_tokenizer.load(DATA / "metaspace")
+    tok.check_vocab(np.int64(len(tok)))
+    with pytest.raises(ValueError, match="positive int"):
+        tok.check_vocab(True)
+    with pytest.raises(ValueError, match="positive int"):
+        tok.check_vocab(159.0)
+    assert tok.id_bound == len(tok) == REFS["metaspace"]["len"]

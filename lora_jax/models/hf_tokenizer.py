@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import operator
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -99,6 +100,12 @@ class HFTokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    @property
+    def id_bound(self) -> int:
+        """One more than the largest id (``vocab_size`` unless the ids have holes)."""
+        ids = self.backend.get_vocab(with_added_tokens=True).values()
+        return max(self.vocab_size, max(ids, default=-1) + 1)
+
     def token_id(self, name: str) -> int | None:
         """The id of the special token ``name`` (``"bos_token"``, ...), or None if unset."""
         token = self.special_tokens.get(name)
@@ -127,13 +134,17 @@ class HFTokenizer:
         say), never smaller: a larger id would index past the embedding, which XLA clamps
         silently instead of failing.
         """
-        if not isinstance(model_vocab, int) or isinstance(model_vocab, bool) or model_vocab < 1:
+        try:
+            rows = operator.index(model_vocab)
+        except TypeError:
+            rows = 0
+        if isinstance(model_vocab, bool) or rows < 1:
             raise ValueError(f"check_vocab: model_vocab must be a positive int, "
                              f"got {model_vocab!r}")
-        if self.vocab_size > model_vocab:
+        if self.id_bound > rows:
             raise ValueError(f"{self.folder}: the tokenizer has {self.vocab_size} tokens (ids up "
-                             f"to {self.vocab_size - 1}) but the model's vocabulary has "
-                             f"{model_vocab} rows: a tokenizer for another model?")
+                             f"to {self.id_bound - 1}) but the model's vocabulary has "
+                             f"{rows} rows: a tokenizer for another model?")
 
     # ---------------------------------------------------------------- text <-> ids
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -145,10 +156,10 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """The text of ``ids`` (a list of ints or a 1-D integer array)."""
         ids = [int(i) for i in getattr(ids, "tolist", lambda: ids)()]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        bad = [i for i in ids if not 0 <= i < self.id_bound]
         if bad:
             raise ValueError(f"decode: ids {bad[:5]} are outside the vocabulary "
-                             f"[0, {self.vocab_size})")
+                             f"[0, {self.id_bound})")
         text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         if self.clean_up_tokenization_spaces and self._model_type() != "BPE":
             # transformers skips this cleanup for BPE models (it would corrupt their spaces).
