@@ -448,3 +448,20 @@ def test_gguf_rope_dimension_count_must_be_head_dim():
     with pytest.raises(ValueError, match="llama.rope.dimension_count=4 differs"):
         G.llama_config({**meta, "llama.rope.dimension_count": 4})
     assert G.llama_config({**meta, "llama.attention.key_length": 16}).head_dim == 16
+
+
+@pytest.mark.parametrize("case", ["rope_llama3", "rope_yarn", "biases"])
+def test_kv_cache_decoding_matches_transformers(case):
+    """Prefill then one token at a time through the cache: the new RoPE types and biases
+    use absolute positions there too."""
+    cfg, variables = L.from_safetensors(os.path.join(DATA, case))
+    ids, want = reference(case)
+    model = L.Llama(cfg)
+    apply = jax.jit(lambda v, t, c: model.apply(v, t, cache=c))
+    cache = L.init_cache(cfg, ids.shape[0], ids.shape[1])
+    out, cache = apply(variables, jnp.asarray(ids[:, :17]), cache)
+    steps = [out]
+    for t in range(17, ids.shape[1]):
+        out, cache = apply(variables, jnp.asarray(ids[:, t:t + 1]), cache)
+        steps.append(out)
+    assert rel_diff(np.concatenate(steps, axis=1), want) <= TOL
