@@ -437,6 +437,13 @@ def test_gguf_refuses_and_names(kwargs, message, tmp_path):
         G.load_llama(path)
 
 
+def test_gguf_int_dtype_is_refused(tmp_path):
+    from lora_jax.models import gguf as G
+
+    with pytest.raises(ValueError, match=r"load_llama: dtype=.*int8.*not a floating"):
+        G.load_llama(write_gguf("default", tmp_path / "m.gguf"), dtype=jnp.int8)
+
+
 def test_gguf_rope_dimension_count_must_be_head_dim():
     from lora_jax.models import gguf as G
 

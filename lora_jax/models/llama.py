@@ -819,6 +819,18 @@ def hf_names(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
     return names
 
 
+def check_param_dtype(dtype: Any, caller: str) -> None:
+    """Raises ValueError naming ``caller``'s ``dtype=`` unless it is a floating dtype (an int
+    dtype would turn every weight into a few integers, most of them 0)."""
+    try:
+        floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise ValueError(f"{caller}: dtype={dtype!r} is not a floating dtype (float32, bfloat16 "
+                         "or float16): the weights would be cast to it")
+
+
 def from_safetensors(path: str | os.PathLike | TensorFiles, config: LlamaConfig | None = None,
                      dtype: Any = jnp.float32, *, quantize: str | Mapping | None = None,
                      mesh: jax.sharding.Mesh | None = None, specs: Any = None,
@@ -853,13 +865,7 @@ def from_safetensors(path: str | os.PathLike | TensorFiles, config: LlamaConfig 
         this model does not implement (:func:`config_from_hf`); a non-floating ``dtype``; a
         tied config whose checkpoint stores a different ``lm_head.weight``.
     """
-    try:
-        floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
-    except TypeError:
-        floating = False
-    if not floating:
-        raise ValueError(f"from_safetensors: dtype={dtype!r} is not a floating dtype "
-                         "(float32, bfloat16 or float16): the weights would be cast to it")
+    check_param_dtype(dtype, "from_safetensors")
     files = path if isinstance(path, TensorFiles) else TensorFiles(path)
     folder = os.fspath(path) if not isinstance(path, TensorFiles) else \
         os.path.dirname(files.files[0])
