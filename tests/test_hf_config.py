@@ -23,8 +23,8 @@ from safetensors.numpy import load_file
 from lora_jax.models import llama as L
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "llama_config")
-CASES = ["default", "rope_theta_1e6", "rope_llama3", "rope_linear", "gelu", "gelu_pytorch_tanh",
-         "biases", "head_dim_16", "untied"]
+CASES = ["default", "rope_theta_1e6", "rope_llama3", "rope_linear", "rope_yarn", "gelu",
+         "gelu_pytorch_tanh", "biases", "head_dim_16", "untied"]
 TOL = 1e-4  # max |diff| <= TOL * max |logit|
 
 
@@ -46,10 +46,12 @@ def plain_math(case, cfg, variables):
     params = variables["params"]
     if case == "rope_theta_1e6":
         return dataclasses.replace(cfg, rope_theta=10000.0), variables
-    if case in ("rope_llama3", "rope_linear"):
+    if case in ("rope_llama3", "rope_linear", "rope_yarn"):
         return dataclasses.replace(cfg, rope_type="default", rope_factor=None,
                                    rope_low_freq_factor=None, rope_high_freq_factor=None,
-                                   rope_original_max_len=None), variables
+                                   rope_original_max_len=None, rope_beta_fast=None,
+                                   rope_beta_slow=None, rope_attention_factor=None,
+                                   rope_truncate=None), variables
     if case in ("gelu", "gelu_pytorch_tanh"):
         return dataclasses.replace(cfg, activation="silu"), variables
     if case == "biases":
@@ -81,11 +83,34 @@ def test_config_fields_read():
     assert (cfg.rope_type, cfg.rope_theta, cfg.rope_factor, cfg.rope_low_freq_factor,
             cfg.rope_high_freq_factor, cfg.rope_original_max_len) == \
         ("llama3", 5e5, 8.0, 1.0, 4.0, 16)
+    # original_max_position_embeddings defaults to the file's max_position_embeddings, also when
+    # max_len is overridden
+    rope = {k: v for k, v in config("rope_llama3")["rope_parameters"].items()
+            if k != "original_max_position_embeddings"}
+    short = L.config_from_hf(config("rope_llama3", rope_parameters=rope), max_len=8)
+    assert (short.max_len, short.rope_original_max_len) == (8, 64)
+    top = config("rope_llama3", original_max_position_embeddings=32)
+    assert L.config_from_hf(top).rope_original_max_len == 32
     assert L.config_from_hf(os.path.join(DATA, "head_dim_16")).head_dim == 16
     assert L.config_from_hf(os.path.join(DATA, "gelu")).activation == "gelu"
     assert not L.config_from_hf(os.path.join(DATA, "untied")).tied
     biases = L.config_from_hf(os.path.join(DATA, "biases"))
     assert biases.attention_bias and biases.mlp_bias
+
+
+def test_yarn_attention_factor_as_transformers_infers_it():
+    """0.1 ln(factor) + 1, or the ratio of the two mscale terms; an explicit one wins."""
+    rope = config("rope_yarn")["rope_parameters"]
+    assert L.config_from_hf(config("rope_yarn")).rope_attention_factor == \
+        pytest.approx(0.1 * math.log(4) + 1)
+    both = config("rope_yarn", rope_parameters={**rope, "mscale": 2.0, "mscale_all_dim": 0.5})
+    assert L.config_from_hf(both).rope_attention_factor == \
+        pytest.approx((0.2 * math.log(4) + 1) / (0.05 * math.log(4) + 1))
+    given = config("rope_yarn", rope_parameters={**rope, "attention_factor": 1.5, "mscale": 2.0})
+    assert L.config_from_hf(given).rope_attention_factor == 1.5
+    # factor null: max_position_embeddings / original_max_position_embeddings = 1024 / 256
+    implicit = L.config_from_hf(config("rope_yarn", rope_parameters={**rope, "factor": None}))
+    assert implicit == L.config_from_hf(config("rope_yarn"))
 
 
 def test_head_dim_is_not_hidden_over_heads():
@@ -119,7 +144,7 @@ def v4_spelling(config):
     return out
 
 
-@pytest.mark.parametrize("case", ["rope_theta_1e6", "rope_llama3", "rope_linear"])
+@pytest.mark.parametrize("case", ["rope_theta_1e6", "rope_llama3", "rope_linear", "rope_yarn"])
 def test_transformers4_spelling(case, tmp_path):
     folder = tmp_path / case
     shutil.copytree(os.path.join(DATA, case), folder)
@@ -279,7 +304,8 @@ def test_tied_config_with_a_different_head_is_refused(tmp_path):
     ({"d": -8}, "d=-8"),
     ({"rms_eps": float("nan")}, "rms_eps=nan"),
     ({"rope_factor": 4.0}, "rope_factor=4.0 has no effect with rope_type='default'"),
-    ({"rope_type": "yarn"}, "rope_type='yarn' is not supported"),
+    ({"rope_type": "dynamic"}, "rope_type='dynamic' is not supported"),
+    ({"rope_type": "yarn", "rope_factor": 4.0, "rope_truncate": 1}, "rope_truncate=1"),
     ({"rope_type": "llama3", "rope_factor": 8.0, "rope_low_freq_factor": 4.0,
       "rope_high_freq_factor": 1.0}, "rope_high_freq_factor=1.0 must exceed"),
     ({"activation": "tanh"}, "activation='tanh'"),
@@ -411,6 +437,13 @@ def test_gguf_refuses_and_names(kwargs, message, tmp_path):
         G.load_llama(path)
 
 
+def test_gguf_int_dtype_is_refused(tmp_path):
+    from lora_jax.models import gguf as G
+
+    with pytest.raises(ValueError, match=r"load_llama: dtype=.*int8.*not a floating"):
+        G.load_llama(write_gguf("default", tmp_path / "m.gguf"), dtype=jnp.int8)
+
+
 def test_gguf_rope_dimension_count_must_be_head_dim():
     from lora_jax.models import gguf as G
 
@@ -422,3 +455,20 @@ def test_gguf_rope_dimension_count_must_be_head_dim():
     with pytest.raises(ValueError, match="llama.rope.dimension_count=4 differs"):
         G.llama_config({**meta, "llama.rope.dimension_count": 4})
     assert G.llama_config({**meta, "llama.attention.key_length": 16}).head_dim == 16
+
+
+@pytest.mark.parametrize("case", ["rope_llama3", "rope_yarn", "biases"])
+def test_kv_cache_decoding_matches_transformers(case):
+    """Prefill then one token at a time through the cache: the new RoPE types and biases
+    use absolute positions there too."""
+    cfg, variables = L.from_safetensors(os.path.join(DATA, case))
+    ids, want = reference(case)
+    model = L.Llama(cfg)
+    apply = jax.jit(lambda v, t, c: model.apply(v, t, cache=c))
+    cache = L.init_cache(cfg, ids.shape[0], ids.shape[1])
+    out, cache = apply(variables, jnp.asarray(ids[:, :17]), cache)
+    steps = [out]
+    for t in range(17, ids.shape[1]):
+        out, cache = apply(variables, jnp.asarray(ids[:, t:t + 1]), cache)
+        steps.append(out)
+    assert rel_diff(np.concatenate(steps, axis=1), want) <= TOL

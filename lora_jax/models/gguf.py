@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.models import streaming
-from lora_jax.models.llama import LlamaConfig
+from lora_jax.models.llama import LlamaConfig, check_param_dtype
 
 # ggml_type ids (ggml.h) -> (name, values per block, bytes per block)
 GGML_TYPES: dict[int, tuple[str, int, int]] = {
@@ -433,8 +433,11 @@ def load_llama(source: str | os.PathLike | GGUFFile, dtype: Any = jnp.float32, *
       ``(config, {"params": ...})`` with HF-style names (``layers_3/self_attn/q_proj/kernel``).
 
     Raises:
-      ValueError: shapes that disagree with the metadata.
+      ValueError: shapes that disagree with the metadata; metadata or tensors this model does
+        not implement (see :func:`llama_config`), ``llama.block_count`` disagreeing with the
+        ``blk.N.*`` tensors; a non-floating ``dtype``.
     """
+    check_param_dtype(dtype, "load_llama")
     g = source if isinstance(source, GGUFFile) else read(source)
     if "rope_freqs.weight" in g.tensors and "rope_freq_factors" not in config_overrides:
         # llama.cpp's llama3 RoPE: inverse frequency i is divided by rope_freqs[i]

@@ -63,9 +63,17 @@ ROPE_TYPES: dict[str, tuple[str, ...]] = {
     "linear": ("rope_factor",),
     "llama3": ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                "rope_original_max_len"),
+    "yarn": ("rope_factor", "rope_original_max_len", "rope_beta_fast", "rope_beta_slow",
+             "rope_attention_factor", "rope_truncate"),
 }
 _ROPE_FIELDS = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                "rope_original_max_len")
+                "rope_original_max_len", "rope_beta_fast", "rope_beta_slow",
+                "rope_attention_factor", "rope_truncate")
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention scale ``0.1 * mscale * ln(factor) + 1`` (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def _is_int(value: Any) -> bool:
@@ -99,12 +107,16 @@ class LlamaConfig:
       activation: the MLP's gate activation, a key of :data:`ACTIVATIONS` [hidden_act].
       attention_bias: q/k/v/o projections have biases [attention_bias].
       mlp_bias: gate/up/down projections have biases [mlp_bias].
-      rope_type: "default", "linear" or "llama3" [rope_parameters.rope_type].
-      rope_factor: frequency divisor of "linear" and "llama3" [factor].
+      rope_type: "default", "linear", "llama3" or "yarn" [rope_parameters.rope_type].
+      rope_factor: frequency divisor of "linear", "llama3" and "yarn" [factor].
       rope_low_freq_factor, rope_high_freq_factor: "llama3" band edges [low_freq_factor,
         high_freq_factor].
-      rope_original_max_len: "llama3" pretraining length [original_max_position_embeddings];
-        default ``max_len``.
+      rope_original_max_len: "llama3"/"yarn" pretraining length
+        [original_max_position_embeddings]; default ``max_len``.
+      rope_beta_fast, rope_beta_slow: "yarn" ramp bounds in rotations (default 32, 1).
+      rope_attention_factor: "yarn" scale of cos and sin; default
+        :func:`yarn_mscale` ``(rope_factor)``.
+      rope_truncate: "yarn" rounds the ramp bounds to integers (default True).
       rope_freq_factors: (head_dim/2,) divisors of the inverse frequencies, after
         ``rope_type``'s scaling (GGUF ``rope_freqs.weight``: how llama.cpp encodes llama3
         scaling); no Hugging Face equivalent.
@@ -134,6 +146,10 @@ class LlamaConfig:
     rope_low_freq_factor: float | None = None
     rope_high_freq_factor: float | None = None
     rope_original_max_len: int | None = None
+    rope_beta_fast: float | None = None
+    rope_beta_slow: float | None = None
+    rope_attention_factor: float | None = None
+    rope_truncate: bool | None = None
     rope_freq_factors: tuple[float, ...] | None = None
 
     def __post_init__(self):
@@ -177,14 +193,25 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig: rope_type={self.rope_type!r} is not supported; "
                              f"supported: {sorted(ROPE_TYPES)}")
         needed = ROPE_TYPES[self.rope_type]
-        if self.rope_type == "llama3" and self.rope_original_max_len is None:
+        if self.rope_type in ("llama3", "yarn") and self.rope_original_max_len is None:
             object.__setattr__(self, "rope_original_max_len", self.max_len)
+        if self.rope_type == "yarn":
+            defaults = {"rope_beta_fast": 32.0, "rope_beta_slow": 1.0, "rope_truncate": True}
+            if _is_number(self.rope_factor):
+                defaults["rope_attention_factor"] = yarn_mscale(cast(float, self.rope_factor))
+            for name, value in defaults.items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, value)
         for name in _ROPE_FIELDS:
             value = getattr(self, name)
             if name not in needed:
                 if value is not None:
                     raise ValueError(f"LlamaConfig: {name}={value!r} has no effect with "
                                      f"rope_type={self.rope_type!r} (needs {list(needed)})")
+                continue
+            if name == "rope_truncate":
+                if not isinstance(value, (bool, np.bool_)):
+                    raise ValueError(f"LlamaConfig: rope_truncate={value!r} must be a bool")
                 continue
             is_len = name == "rope_original_max_len"
             if value is None or not (_is_int(value) if is_len else _is_number(value)) \
@@ -229,6 +256,8 @@ def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         inv_freq = np.where(medium, smoothed, scaled)
+    elif cfg.rope_type == "yarn":
+        inv_freq = _yarn_frequencies(cfg, inv_freq)
     if cfg.rope_freq_factors is not None:
         inv_freq = inv_freq / np.asarray(cfg.rope_freq_factors, np.float64)
     return inv_freq.astype(np.float32)
@@ -255,8 +284,28 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int | None = None) -> KVCa
     return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
 
 
+def _yarn_frequencies(cfg: LlamaConfig, inv_freq: np.ndarray) -> np.ndarray:
+    """YaRN: frequencies below ``beta_slow`` rotations over the pretraining length are
+    divided by ``factor``, those above ``beta_fast`` kept, a linear ramp between."""
+    hd, base = cast(int, cfg.head_dim), cfg.rope_theta
+    factor, old_len = cast(float, cfg.rope_factor), cast(int, cfg.rope_original_max_len)
+
+    def dim_of(rotations):  # the frequency index that turns ``rotations`` times in old_len
+        return hd * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(cast(float, cfg.rope_beta_fast)), dim_of(cast(float, cfg.rope_beta_slow))
+    if cfg.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, hd - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(hd // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep), 0: interpolate (divide by factor)
+    return inv_freq / factor * (1 - keep) + inv_freq * keep
+
+
 def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0,
-         inv_freq: jax.typing.ArrayLike | None = None) -> jax.Array:
+         inv_freq: jax.typing.ArrayLike | None = None, scale: float = 1.0) -> jax.Array:
     """Rotary embedding, Hugging Face ``apply_rotary_pos_emb``: x[i] pairs with x[i + d/2].
 
     Args:
@@ -264,13 +313,14 @@ def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0,
       positions: (time,) int positions.
       theta: the rotary base (plain RoPE), unless ``inv_freq`` is given.
       inv_freq: (head_dim/2,) inverse frequencies (:func:`rope_frequencies`).
+      scale: multiplies cos and sin (YaRN's attention factor).
     """
     hd = x.shape[-1]
     if inv_freq is None:
         inv_freq = 1.0 / theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)
     freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)
     emb = jnp.concatenate([freqs, freqs], axis=-1)[None, :, None, :]
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    cos, sin = jnp.cos(emb) * scale, jnp.sin(emb) * scale
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x * cos + rotated * sin).astype(x.dtype)
@@ -291,8 +341,9 @@ class Attention(nn.Module):
         q = dense("q_proj", cfg.heads * hd)(x).reshape(b, t, cfg.heads, hd)
         k = dense("k_proj", kvh * hd)(x).reshape(b, t, kvh, hd)
         v = dense("v_proj", kvh * hd)(x).reshape(b, t, kvh, hd)
-        inv_freq = rope_frequencies(cfg)
-        q, k = rope(q, positions, inv_freq=inv_freq), rope(k, positions, inv_freq=inv_freq)
+        inv_freq, scale = rope_frequencies(cfg), cfg.rope_attention_factor or 1.0
+        q, k = rope(q, positions, inv_freq=inv_freq, scale=scale), \
+            rope(k, positions, inv_freq=inv_freq, scale=scale)
         if cache_kv is None:
             key_pos = positions
         else:
@@ -503,7 +554,12 @@ _HF_ROPE_KEYS: dict[str, dict[str, str]] = {
     "llama3": {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
                "high_freq_factor": "rope_high_freq_factor",
                "original_max_position_embeddings": "rope_original_max_len"},
+    "yarn": {"factor": "rope_factor", "original_max_position_embeddings": "rope_original_max_len",
+             "beta_fast": "rope_beta_fast", "beta_slow": "rope_beta_slow",
+             "attention_factor": "rope_attention_factor", "truncate": "rope_truncate"},
 }
+# rope_parameters keys read but not stored: yarn's mscale pair sets its attention factor
+_HF_ROPE_EXTRA = {"yarn": ("mscale", "mscale_all_dim")}
 _HF_ROPE_COMMON = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
 
 
@@ -526,7 +582,8 @@ def _hf_rope(config: dict, where: str) -> dict[str, Any]:
                          f"supported: {sorted(_HF_ROPE_KEYS)}")
     allowed = _HF_ROPE_KEYS[rope_type]
     for name in rope:
-        if name not in allowed and name not in _HF_ROPE_COMMON:
+        if name not in allowed and name not in _HF_ROPE_COMMON and \
+                name not in _HF_ROPE_EXTRA.get(rope_type, ()):
             raise ValueError(f"{where}: {key}[{name!r}] is not a parameter of rope_type "
                              f"{rope_type!r} (it takes {sorted(allowed)}); lora_jax refuses "
                              "keys it does not understand")
@@ -543,14 +600,24 @@ def _hf_rope(config: dict, where: str) -> dict[str, Any]:
     fields: dict[str, Any] = {"rope_type": rope_type,
                               "rope_theta": 10000.0 if theta is None else theta}
     for name, field in allowed.items():
-        if name in rope:
+        if rope.get(name) is not None:
             fields[field] = rope[name]
-    # transformers gives a top-level original_max_position_embeddings priority (Phi-3 style)
-    if "original_max_position_embeddings" in allowed and \
-            config.get("original_max_position_embeddings") is not None:
-        fields["rope_original_max_len"] = config["original_max_position_embeddings"]
+    if "original_max_position_embeddings" in allowed:
+        # transformers gives a top-level original_max_position_embeddings priority (Phi-3
+        # style), and defaults it to max_position_embeddings (not to an overridden max_len)
+        for value in (config.get("original_max_position_embeddings"),
+                      rope.get("original_max_position_embeddings"),
+                      config.get("max_position_embeddings", 2048)):
+            if value is not None:
+                fields["rope_original_max_len"] = value
+                break
+    if rope_type == "yarn":
+        fields.update(_hf_yarn(rope, fields, config, key, where))
     for name, value in fields.items():
-        if name != "rope_type" and not _is_number(value):
+        if name == "rope_truncate":
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: {key}['truncate']={value!r} must be true or false")
+        elif name != "rope_type" and not _is_number(value):
             raise ValueError(f"{where}: {key} {name}={value!r} must be a number")
     if isinstance(fields["rope_theta"], int):
         fields["rope_theta"] = float(fields["rope_theta"])
@@ -568,13 +635,33 @@ def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
     return False
 
 
+def _hf_yarn(rope: dict, fields: dict, config: dict, key: str, where: str) -> dict[str, Any]:
+    """YaRN's factor and attention factor as transformers' ``_compute_yarn_parameters`` infers
+    them when absent."""
+    out: dict[str, Any] = {}
+    factor = fields.get("rope_factor")
+    if factor is None:  # transformers: max_position_embeddings / original
+        factor = config.get("max_position_embeddings", 2048) / fields["rope_original_max_len"]
+        out["rope_factor"] = factor
+    if rope.get("attention_factor") is None:
+        mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+        for name, value in (("mscale", mscale), ("mscale_all_dim", mscale_all_dim)):
+            if value is not None and not _is_number(value):
+                raise ValueError(f"{where}: {key}[{name!r}]={value!r} must be a number")
+        if _is_number(factor):
+            out["rope_attention_factor"] = (
+                yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+                if mscale and mscale_all_dim else yarn_mscale(factor))
+    return out
+
+
 def config_from_hf(config: dict | str | os.PathLike, *, ignore_keys: Sequence[str] = (),
                    **overrides) -> LlamaConfig:
     """A :class:`LlamaConfig` from a Hugging Face ``config.json`` (a dict, file or folder).
 
     Every key is honoured or refused: RoPE from ``rope_parameters`` (transformers 5) or
     ``rope_theta``/``rope_scaling`` (transformers 4; ``type`` or ``rope_type``), types
-    ``default``, ``linear`` and ``llama3``; ``hidden_act`` (see :data:`ACTIVATIONS`);
+    ``default``, ``linear``, ``llama3`` and ``yarn``; ``hidden_act`` (see :data:`ACTIVATIONS`);
     ``attention_bias``/``mlp_bias``; ``head_dim``; ``tie_word_embeddings``. Keys known not to
     change the outputs (:data:`HF_KEYS_WITHOUT_MATH`: token ids, ``dtype``, ``use_cache``...)
     are skipped; keys of :data:`HF_KEYS_AT_DEFAULT` must hold their neutral value
@@ -732,6 +819,18 @@ def hf_names(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
     return names
 
 
+def check_param_dtype(dtype: Any, caller: str) -> None:
+    """Raises ValueError naming ``caller``'s ``dtype=`` unless it is a floating dtype (an int
+    dtype would turn every weight into a few integers, most of them 0)."""
+    try:
+        floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise ValueError(f"{caller}: dtype={dtype!r} is not a floating dtype (float32, bfloat16 "
+                         "or float16): the weights would be cast to it")
+
+
 def from_safetensors(path: str | os.PathLike | TensorFiles, config: LlamaConfig | None = None,
                      dtype: Any = jnp.float32, *, quantize: str | Mapping | None = None,
                      mesh: jax.sharding.Mesh | None = None, specs: Any = None,
@@ -766,13 +865,7 @@ def from_safetensors(path: str | os.PathLike | TensorFiles, config: LlamaConfig 
         this model does not implement (:func:`config_from_hf`); a non-floating ``dtype``; a
         tied config whose checkpoint stores a different ``lm_head.weight``.
     """
-    try:
-        floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
-    except TypeError:
-        floating = False
-    if not floating:
-        raise ValueError(f"from_safetensors: dtype={dtype!r} is not a floating dtype "
-                         "(float32, bfloat16 or float16): the weights would be cast to it")
+    check_param_dtype(dtype, "from_safetensors")
     files = path if isinstance(path, TensorFiles) else TensorFiles(path)
     folder = os.fspath(path) if not isinstance(path, TensorFiles) else \
         os.path.dirname(files.files[0])

@@ -34,6 +34,11 @@ CASES = {
         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
     "rope_linear": {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0,
                                         "factor": 4.0}},
+    # original 256, untruncated: the ramp between beta_fast and beta_slow is fractional
+    "rope_yarn": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                      "original_max_position_embeddings": 256,
+                                      "truncate": False},
+                  "max_position_embeddings": 1024},
     "gelu": {"hidden_act": "gelu"},
     "gelu_pytorch_tanh": {"hidden_act": "gelu_pytorch_tanh"},
     "biases": {"attention_bias": True, "mlp_bias": True},
