@@ -136,6 +136,7 @@ def test_brackets_inside_names_are_not_nesting(tmp_path):
     ({"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}, "data_offsets must be 2 non"),
     ({"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}, "needs 8 bytes but its data_"),
     ([1], "expected an object {dtype, shape, data_offsets}"),
+    ({"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}, "dtype ['F32'], expected one"),
 ])
 def test_bad_tensor_entry(tmp_path, info, match):
     path = _write(tmp_path / "m.safetensors", {"w": info}, bytes(4))
