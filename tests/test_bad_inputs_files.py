@@ -213,6 +213,14 @@ def test_header_with_only_metadata_or_padding_loads(tmp_path):
     assert list(st.load_file(str(path))) == ["w"]
 
 
+def test_write_refuses_metadata_that_is_not_strings(tmp_path):
+    from lora_jax.models.tensor_files import write
+
+    with pytest.raises(TypeError, match=r"m.safetensors: metadata must map strings to strings"):
+        write(tmp_path / "m.safetensors", {"w": np.ones(2, np.float32)}, metadata={"step": 3})
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 # ------------------------------------------------------------------------------------------
 # PEFT adapter_config.json
 

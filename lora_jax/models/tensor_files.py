@@ -315,7 +315,11 @@ def write(path: str | os.PathLike,
     if shapes is None:
         items = list(items)
         shapes = {k: (v.shape, v.dtype) for k, v in items}
-    header: dict = {"__metadata__": dict(metadata or {"format": "np"})}
+    meta = dict(metadata or {"format": "np"})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise TypeError(f"write {os.fspath(path)}: metadata must map strings to strings (as "
+                        f"safetensors requires), got {meta!r:.80}")
+    header: dict = {"__metadata__": meta}
     pos = 0
     for name, (shape, dtype) in shapes.items():
         dtype = np.dtype(dtype)
