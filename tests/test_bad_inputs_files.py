@@ -136,6 +136,7 @@ def test_brackets_inside_names_are_not_nesting(tmp_path):
     ({"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}, "data_offsets must be 2 non"),
     ({"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}, "needs 8 bytes but its data_"),
     ([1], "expected an object {dtype, shape, data_offsets}"),
+    ({"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}, "dtype ['F32'], expected one"),
 ])
 def test_bad_tensor_entry(tmp_path, info, match):
     path = _write(tmp_path / "m.safetensors", {"w": info}, bytes(4))
@@ -210,6 +211,14 @@ def test_header_with_only_metadata_or_padding_loads(tmp_path):
                       b'"data_offsets":[0,8],"extra":1}}    ')
     assert TensorFiles(str(path)).shape("w") == (2,)
     assert list(st.load_file(str(path))) == ["w"]
+
+
+def test_write_refuses_metadata_that_is_not_strings(tmp_path):
+    from lora_jax.models.tensor_files import write
+
+    with pytest.raises(TypeError, match=r"m.safetensors: metadata must map strings to strings"):
+        write(tmp_path / "m.safetensors", {"w": np.ones(2, np.float32)}, metadata={"step": 3})
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------------------

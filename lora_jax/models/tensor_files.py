@@ -7,6 +7,8 @@ memory, pages read with ``pread`` only towards the kernel's page cache, which it
 pressure. ``bf16`` tensors come back as ``ml_dtypes.bfloat16`` arrays (numpy has no bf16).
 :attr:`TensorFiles.bytes_read` counts the tensor bytes read, so a sharded load can show that
 each process read only its share. :func:`write` streams tensors into a file, one at a time.
+:func:`read_header` checks each header by the rules of the ``safetensors`` library (offsets
+that tile the data, known dtypes, sizes, unique names, bounded length and nesting).
 
 >>> import os, tempfile
 >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
@@ -24,7 +26,6 @@ import itertools
 import json
 import math
 import os
-import re
 import struct
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -125,29 +126,16 @@ def read_header(file: str) -> dict[str, tuple[np.dtype, tuple[int, ...], int]]:
 
 def _parse_header(raw: bytes, file: str) -> dict:
     """The header's JSON object; refuses deep nesting before the parser recurses into it."""
+    deepest = _nesting_depth(raw)
+    if deepest > MAX_HEADER_DEPTH:
+        raise ValueError(f"{file}: the safetensors header nests {deepest} deep, more than "
+                         f"{MAX_HEADER_DEPTH} (a valid header nests 3 deep)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{file}: the safetensors header is not UTF-8 text: {e}") from None
-    outside_strings = re.sub(r'"(?:[^"\\]|\\.)*"', "", text)
-    steps = np.zeros(len(outside_strings), np.int64)
-    codes = np.frombuffer(outside_strings.encode("ascii", "replace"), np.uint8)
-    steps[(codes == ord("{")) | (codes == ord("["))] = 1
-    steps[(codes == ord("}")) | (codes == ord("]"))] = -1
-    deepest = int(np.cumsum(steps).max(initial=0))
-    if deepest > MAX_HEADER_DEPTH:
-        raise ValueError(f"{file}: the safetensors header nests {deepest} deep, more than "
-                         f"{MAX_HEADER_DEPTH} (a valid header nests 3 deep)")
-
-    def unique(pairs):
-        keys = [k for k, _ in pairs]
-        if len(set(keys)) != len(keys):
-            twice = next(k for k in keys if keys.count(k) > 1)
-            raise _DuplicateKey(twice)
-        return dict(pairs)
-
     try:
-        header = json.loads(text, object_pairs_hook=unique)
+        header = json.loads(text, object_pairs_hook=_unique_keys)
     except _DuplicateKey as e:
         raise ValueError(f"{file}: the safetensors header names {e.args[0]!r} twice (a tensor "
                          "or field given twice)") from None
@@ -160,11 +148,41 @@ def _parse_header(raw: bytes, file: str) -> dict:
     return header
 
 
+def _nesting_depth(raw: bytes) -> int:
+    """How deep the JSON text ``raw`` nests ``{}``/``[]``, brackets inside strings aside."""
+    # Escaped backslashes, then escaped quotes, go first; then a quote toggles "in a string".
+    # (UTF-8 never has these ASCII bytes inside a multi-byte character.)
+    codes = np.frombuffer(raw.replace(b"\\\\", b"").replace(b'\\"', b""), np.uint8)
+    outside = np.cumsum(codes == ord('"')) % 2 == 0
+    steps = (((codes == ord("{")) | (codes == ord("["))).astype(np.int64)
+             - ((codes == ord("}")) | (codes == ord("]"))))
+    return int(np.cumsum(steps * outside).max(initial=0))
+
+
 class _DuplicateKey(Exception):
     pass
 
 
-def _tensor_info(name: str, info, file: str) -> tuple[np.dtype, tuple[int, ...], tuple[int, int]]:
+def _unique_keys(pairs: list) -> dict:
+    """``json.loads``' ``object_pairs_hook``: a dict, refusing a key given twice."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
+def _naturals(value, where: str, key: str, length: int | None = None) -> tuple[int, ...]:
+    """``value``, a list of non-negative ints (of ``length`` if given), as a tuple."""
+    if not (isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+            and (length is None or len(value) == length)):
+        expected = f"{length} non-negative integers [begin, end]" if length else \
+            "a list of non-negative integers"
+        raise ValueError(f"{where}: {key} must be {expected}, got {value!r:.80}")
+    return tuple(value)
+
+
+def _tensor_info(name: str, info, file: str) -> tuple[np.dtype, tuple[int, ...], tuple[int, ...]]:
     """The dtype, shape and data offsets of one header entry, their types checked."""
     where = f"{file}: tensor {name!r}"
     if not isinstance(info, dict):
@@ -173,22 +191,12 @@ def _tensor_info(name: str, info, file: str) -> tuple[np.dtype, tuple[int, ...],
     missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
     if missing:
         raise ValueError(f"{where} has no {', '.join(missing)}")
-    if info["dtype"] not in DTYPES:
+    dtype = DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    if dtype is None:
         raise ValueError(f"{where} has dtype {info['dtype']!r:.40}, expected one of "
                          f"{', '.join(DTYPES)}")
-
-    def naturals(value, key, length=None):
-        if not (isinstance(value, list) and all(
-                type(v) is int and v >= 0 for v in value)) or (
-                length is not None and len(value) != length):
-            expected = f"{length} " if length else "a list of "
-            raise ValueError(f"{where}: {key} must be {expected}non-negative integers"
-                             f"{' [begin, end]' if length else ''}, got {value!r:.80}")
-        return tuple(value)
-
-    shape = naturals(info["shape"], "shape")
-    begin, end = naturals(info["data_offsets"], "data_offsets", 2)
-    return DTYPES[info["dtype"]], shape, (begin, end)
+    return (dtype, _naturals(info["shape"], where, "shape"),
+            _naturals(info["data_offsets"], where, "data_offsets", 2))
 
 
 class TensorFiles:
@@ -307,7 +315,11 @@ def write(path: str | os.PathLike,
     if shapes is None:
         items = list(items)
         shapes = {k: (v.shape, v.dtype) for k, v in items}
-    header: dict = {"__metadata__": dict(metadata or {"format": "np"})}
+    meta = dict(metadata or {"format": "np"})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise TypeError(f"write {os.fspath(path)}: metadata must map strings to strings (as "
+                        f"safetensors requires), got {meta!r:.80}")
+    header: dict = {"__metadata__": meta}
     pos = 0
     for name, (shape, dtype) in shapes.items():
         dtype = np.dtype(dtype)

@@ -96,7 +96,8 @@ def load(
       A LoRA tree of :class:`lora_jax.LoraWeight` (or :class:`lora_jax.adalora.AdaLoraWeight`).
 
     Raises:
-      ValueError: unsupported ``peft_type`` or options (DoRA, LoRA bias, modules_to_save, ...),
+      ValueError: unsupported ``peft_type`` or options (LoRA bias, modules_to_save, ...; see
+        :data:`lora_jax.peft.config.FIELDS`), a key that is not a field of PEFT's config class,
         an unknown module (the message lists the known ones), a tensor of the wrong shape
         (named, with expected and actual shapes), a rank that disagrees with the config, a
         targeted module without tensors. NotImplementedError: ranks or alphas that differ
