@@ -9,6 +9,8 @@ scheme does not support must raise an error naming it. The reference is the orig
 output (float32, tolerance relative to the output scale).
 """
 
+import pathlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ from lora_jax.nnx import AdaLoRA, LoRA
 D_IN, D_HID, D_OUT, R = 12, 16, 8, 3
 SCHEMES = init_schemes.names()
 TOL = 2e-5  # max |out - ref| / max |ref|, float32
+DATA = pathlib.Path(__file__).parent / "data"
 
 
 class LinenMLP(nn.Module):
@@ -282,3 +285,30 @@ def test_the_recorded_init_survives_a_peft_round_trip(tmp_path, name):
     with pytest.raises(ValueError, match="save: PEFT has one init_lora_weights .* different "
                                          r"bases \['', '" + name):
         lora_jax.peft.save(tmp_path / "mixed", lora_jax.lora.from_leaves(mixed))
+
+
+class TorchNamedMLP(nn.Module):
+    """The generator's MLP (tests/data/generators/peft_residual_init.py) in Linen."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(10, name="out")(jax.nn.relu(nn.Dense(16, name="fc1")(x)))
+
+
+@pytest.mark.parametrize("name", ["pissa", "olora"])
+def test_peft_adapter_on_its_residual_base_matches_peft(name):
+    # PEFT's get_peft_model(init_lora_weights=name) made the residual, the factors moved, and
+    # save_pretrained wrote the adapter. Loaded here: the leaves record the init, lora_jax's
+    # own init rebuilds PEFT's residual from the original weights, and the output is PEFT's.
+    data = np.load(DATA / "peft_residual_init.npz")
+    params = {"params": {m: {"kernel": jnp.asarray(data[f"base/{m}.weight"].T),
+                             "bias": jnp.asarray(data[f"base/{m}.bias"])} for m in ("fc1", "out")}}
+    with pytest.warns(UserWarning, match="only correct on the base weights"):
+        lora = lora_jax.peft.load(DATA / "peft_residual_init" / name, params)
+    assert {x.residual_init for x in lora_jax.lora.leaves(lora).values()} == {name}
+    fresh = lora_jax.init(params, 3, alpha=6, key=jax.random.key(0), init=name)
+    residual = init_schemes.residual_base(params, fresh)
+    for m in ("fc1", "out"):
+        _close(residual["params"][m]["kernel"], data[f"{name}/residual/{m}.weight"].T)
+    y = lora_jax.apply(TorchNamedMLP().apply, strict=True)(residual, lora, data["x"])
+    _close(y, data[f"{name}/y"])
