@@ -604,10 +604,147 @@ def test_a_failure_on_one_process_fails_every_process(tmp_path):
     assert r0["previous_adapter_kept"] and r1["previous_adapter_kept"]
 
 
+# ----------------------------------------------------------------------------------------
+# Multi-process: one process killed mid-save; resume on both, and onto another mesh
+
+
+def _resume_problem(n_processes: int):
+    """(mesh, base specs, lora, opt_state, AdaLoRA state) of test_sharding's AdaLoRA GPT,
+    placed on a (n_processes, 4) mesh."""
+    import jax
+
+    sys.path.insert(0, HERE)
+    import test_sharding as T
+
+    from lora_jax import sharding as S
+
+    mesh = S.mesh((n_processes, 4), ("data", "model"))
+    base, lora, opt, state, *_ = T.make_problem("adalora")
+    bspec = T._base_specs(base, mesh)
+    lspec = S.specs(lora, bspec, mesh=mesh)
+    placed = jax.device_put((lora, opt, state), (
+        S.named(mesh, lspec), S.named(mesh, S.state_specs(opt, lspec)),
+        S.named(mesh, S.state_specs(state, lspec))))
+    return (mesh, bspec, *placed)
+
+
+def _gathered(tree) -> list:
+    """Every array of ``tree`` whole, as float64 lists (on every process)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    out = []
+    for x in jax.tree.leaves(tree):
+        if jax.process_count() > 1 and not x.is_fully_addressable:
+            x = multihost_utils.process_allgather(x, tiled=True)
+        out.append(np.asarray(x, np.float64).ravel().tolist())
+    return out
+
+
+def resume_worker(phase: str, process_id: int, port: int, run: str, out: str) -> None:
+    """``save``: both processes save step 1, then step 2, and process 1 is SIGKILLed while
+    step 2 is being written. ``restore``: both restart and restore the latest step."""
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 4)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
+                               initialization_timeout=120)
+    from jax.experimental import multihost_utils
+
+    from lora_jax import checkpoint
+
+    mesh, bspec, lora, opt, state = _resume_problem(2)
+    if phase == "save":
+        mngr = checkpoint.Manager(run)
+        mngr.save(1, lora=lora, opt_state=opt, adalora=state)
+        mngr.wait()
+        saved = {"lora": _gathered(lora), "opt": _gathered(opt), "adalora": _gathered(state)}
+        with open(out, "w") as fh:
+            json.dump(saved, fh)
+        multihost_utils.sync_global_devices("step 1 saved")
+        doubled = jax.tree.map(lambda x: 2 * x, lora)
+        mngr.save(2, lora=doubled, opt_state=opt, adalora=state)  # returns while writing
+        if process_id == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        mngr.wait()  # process 0 can never finish step 2: the test kills it
+        return
+    with checkpoint.Manager(run) as mngr:
+        got = mngr.restore(mesh=mesh, specs=bspec, like=lora, opt_state=opt)
+    with open(out, "w") as fh:
+        json.dump({"step": got.step, "lora": _gathered(got.lora), "opt": _gathered(
+            got.opt_state), "adalora": _gathered(got.adalora)}, fh)
+    multihost_utils.sync_global_devices("restored")
+    jax.distributed.shutdown()
+
+
+def child_restore_one_process(run: str, _unused: str) -> None:
+    """The restart on one process of 4 devices: restores the latest step onto (1, 4)."""
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 4)
+    from lora_jax import checkpoint
+
+    mesh, bspec, lora, opt, state = _resume_problem(1)
+    with checkpoint.Manager(run) as mngr:
+        got = mngr.restore(mesh=mesh, specs=bspec, like=lora, opt_state=opt)
+    assert len(jax.tree.leaves(got.lora)[0].sharding.device_set) == 4
+    print(json.dumps({"step": got.step, "lora": _gathered(got.lora), "opt": _gathered(
+        got.opt_state), "adalora": _gathered(got.adalora)}))
+
+
+def test_a_process_killed_mid_save_resumes_from_the_last_complete_step(tmp_path):
+    sys.path.insert(0, HERE)
+    from conftest import free_port, run_workers
+
+    run, saved_file = str(tmp_path / "run"), str(tmp_path / "saved.json")
+    port = free_port()
+    logs = [open(tmp_path / f"save{i}.log", "w+") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "resume", "save",
+                               str(i), str(port), run, saved_file if i == 0 else
+                               saved_file + ".1"], env=_env(), stdout=logs[i],
+                              stderr=subprocess.STDOUT) for i in range(2)]
+    try:
+        procs[1].wait(timeout=CHILD_TIMEOUT_S)  # killed mid-save
+        time.sleep(2)  # process 0 gets on with step 2 as far as it can
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    text = []
+    for f in logs:
+        f.seek(0)
+        text.append(f.read()[-3000:])
+        f.close()
+    assert procs[1].returncode == -signal.SIGKILL, "\n----\n".join(text)
+    with open(saved_file) as fh:
+        saved = json.load(fh)
+    assert "2" not in os.listdir(run)  # never a step that only one process finished
+
+    def check(got):
+        assert got["step"] == 1
+        for item in ("lora", "opt", "adalora"):
+            assert len(got[item]) == len(saved[item]) > 0, item
+            for x, y in zip(got[item], saved[item]):
+                assert x == y, item  # bit for bit
+
+    outs = [str(tmp_path / f"restored{i}.json") for i in range(2)]
+    port = free_port()
+    for got in run_workers([([os.path.abspath(__file__), "resume", "restore", str(i),
+                              str(port), run, outs[i]], outs[i]) for i in range(2)],
+                           _env(), tmp_path, CHILD_TIMEOUT_S):
+        check(got)
+    check(_child("restore_one_process", run, str(tmp_path / "unused")))
+
+
 if __name__ == "__main__" and len(sys.argv) > 1:
     mode, rest = sys.argv[1], sys.argv[2:]
     if mode == "worker":
         worker(int(rest[0]), int(rest[1]), rest[2], rest[3])
+    elif mode == "resume":
+        resume_worker(rest[0], int(rest[1]), int(rest[2]), rest[3], rest[4])
     else:
         {"writer": child_writer, "no_write": child_no_write, "train": child_train,
+         "restore_one_process": child_restore_one_process,
          "file_limit": child_file_limit}[mode](*rest)

@@ -17,7 +17,6 @@ import difflib
 import os
 import re
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -257,15 +256,17 @@ def read_stable(path: str | os.PathLike, read: Callable[[str], _T]) -> _T:
         return collective.run_everywhere(f"reading {path}", lambda: read(adapter_dir(path)))
     last: Exception | None = None
     for _ in range(READ_ATTEMPTS):
-        directory = adapter_dir(path)
-        before = _identity(directory)
+        directory, before = path, None
         try:
+            directory = adapter_dir(path)  # may miss a swap's rename: retried below
+            before = _identity(directory)
             value = read(directory)
-        except (CheckpointError, FileNotFoundError):
-            if _identity(directory) == before and before is not None and \
-                    not os.path.exists(f"{path}.lock"):
-                raise  # damaged, not replaced while read
-            last = sys.exc_info()[1]  # type: ignore[assignment]
+        except (CheckpointError, FileNotFoundError) as e:
+            writing = os.path.exists(f"{path}.lock")
+            changed = os.path.isdir(path) if before is None else _identity(directory) != before
+            if not writing and not changed:
+                raise  # missing or damaged, and no writer is replacing it
+            last = e
             time.sleep(lock.POLL_S)
             continue
         if _identity(directory) == before and before is not None:
