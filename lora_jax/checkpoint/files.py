@@ -211,10 +211,11 @@ def _storage_error(path: str, what: str, error: Exception, existed: bool,
 def _recovered(path: str) -> str:
     """``path`` after recovering from killed saves; read-only folders are resolved in place.
 
-    A reader recovers only when there is something to recover and no writer holds the lock
-    (never removing what a live writer is writing); otherwise it reads the newest complete
-    copy where it is."""
-    if jax.process_index() == 0 and not is_step_dir(path) and any(_leftovers(path)):
+    A reader recovers only when there is something to recover (leftovers, or the lock of a
+    writer that died, which it removes) and no live writer holds the lock (never removing what
+    a live writer is writing); otherwise it reads the newest complete copy where it is."""
+    if jax.process_index() == 0 and not is_step_dir(path) and (
+            any(_leftovers(path)) or os.path.lexists(f"{path}.lock")):
         writer = lock.WriterLock(f"{path}.lock", path)
         try:
             writer.acquire()
