@@ -483,6 +483,67 @@ def jax_leaves(tree):
 
 
 # ----------------------------------------------------------------------------------------
+# GGUF read by rows: a process decodes only the blocks of the rows it holds
+
+
+def _tiny_gguf(path: str):
+    """A tiny llama GGUF (block formats for the matrices, q/k in llama.cpp's row order);
+    returns its config."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import quantize
+
+    sys.path.insert(0, HERE)
+    import test_llama as TL
+
+    cfg = TL.TINY
+    weights = TL.to_gguf_names(TL.random_variables(cfg, 3), cfg)
+    kinds = {"token_embd": T.Q8_0, "attn_q": T.Q4_1, "attn_k": T.Q5_0, "attn_v": T.Q8_0,
+             "attn_output": T.Q4_0, "ffn_gate": T.Q5_1, "ffn_up": T.F16, "ffn_down": T.Q8_0}
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(cfg.layers)
+    w.add_context_length(cfg.max_len)
+    w.add_embedding_length(cfg.d)
+    w.add_feed_forward_length(cfg.ffn)
+    w.add_head_count(cfg.heads)
+    w.add_head_count_kv(cfg.kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_eps)
+    w.add_vocab_size(cfg.vocab)
+    for name, x in weights.items():
+        kind = next((k for part, k in kinds.items() if f"{part}." in name), T.F32)
+        w.add_tensor(name, quantize(x, kind) if kind != T.F32 else x, raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return cfg
+
+
+def test_gguf_rows_decode_only_the_rows_asked_for(tmp_path):
+    pytest.importorskip("gguf")
+    from lora_jax.models import gguf as G
+
+    path = str(tmp_path / "tiny.gguf")
+    cfg = _tiny_gguf(path)
+    f = G.read(path)
+    for name, heads in (("blk.0.attn_q.weight", cfg.heads), ("blk.1.attn_k.weight",
+                                                               cfg.kv_heads),
+                        ("token_embd.weight", None), ("blk.0.ffn_up.weight", None)):
+        kind, shape, raw = f.tensors[name]
+        whole = f.tensor(name)
+        if heads is not None:
+            whole = G.unpermute_qk(whole, heads)
+        source = G.TensorRows(f, name, shape, heads)
+        before = f.bytes_read
+        index = (slice(3, 17), slice(5, 40))
+        np.testing.assert_array_equal(source.read(index), whole[index], err_msg=name)
+        assert f.bytes_read - before == 14 * raw.nbytes // shape[0], name  # 14 rows' blocks
+    norm = G.TensorRows(f, "output_norm.weight", (cfg.d,))
+    np.testing.assert_array_equal(norm.read((slice(2, 9),)), f.tensor("output_norm.weight")[2:9])
+
+
+# ----------------------------------------------------------------------------------------
 # Multi-process: a failure on one process fails every process, in seconds
 
 
@@ -507,6 +568,34 @@ def worker(process_id: int, port: int, tmp: str, out: str) -> None:
 
     mesh = S.mesh((2, 4), ("data", "model"))  # rows of the mesh: one process each
     report: dict = {}
+
+    # 0. A GGUF onto the mesh: each process reads only the rows (whole blocks) it holds.
+    from lora_jax.models import gguf as G
+
+    gguf_path = os.path.join(tmp, "tiny.gguf")
+    if process_id == 0:
+        _tiny_gguf(gguf_path)
+    multihost_utils.sync_global_devices("gguf written")
+    every = tuple(mesh.axis_names)
+
+    def by_rows(tree):  # a kernel's GGUF rows are its output axis; an embedding's, its rows
+        return {k: by_rows(v) if isinstance(v, dict) else
+                PartitionSpec(None, every) if k == "kernel" else
+                PartitionSpec(every, None) if k == "embedding" else PartitionSpec()
+                for k, v in tree.items()}
+
+    reference = G.read(gguf_path)
+    _, dense = G.load_llama(reference)
+    for name, quantize in (("dense", None), ("nf4", "nf4")):
+        mine = G.read(gguf_path)
+        _, got = G.load_llama(mine, quantize=quantize, mesh=mesh, specs=by_rows)
+        same = True
+        if quantize is None:
+            same = all(np.array_equal(multihost_utils.process_allgather(a, tiled=True),
+                                      np.asarray(b))
+                       for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(dense)))
+        report[f"gguf_{name}"] = {"bytes_read": mine.bytes_read,
+                                  "total": reference.bytes_read, "equal": same}
 
     def record(name, fn):
         t0 = time.monotonic()
@@ -596,6 +685,12 @@ def test_a_failure_on_one_process_fails_every_process(tmp_path):
                                         ["on process 1", "file-size limit", "is intact"]),
         "locked_path": ("CheckpointBusyError", ["on process 0", "trainer-other-host-7"]),
     }
+    print("GGUF bytes read per process:", [(r[n]["bytes_read"], r[n]["total"]) for r in
+                                           (r0, r1) for n in ("gguf_dense", "gguf_nf4")])
+    for r in (r0, r1):
+        for name in ("gguf_dense", "gguf_nf4"):  # half the matrices' bytes, and the norms
+            assert r[name]["equal"], name
+            assert r[name]["bytes_read"] < 0.55 * r[name]["total"], (name, r[name])
     for name, (kind, words) in expect.items():
         assert r0[name]["error"] == r1[name]["error"] == kind, (name, r0[name], r1[name])
         assert r0[name]["message"] == r1[name]["message"], (name, r0[name], r1[name])
