@@ -483,6 +483,67 @@ def jax_leaves(tree):
 
 
 # ----------------------------------------------------------------------------------------
+# GGUF read by rows: a process decodes only the blocks of the rows it holds
+
+
+def _tiny_gguf(path: str):
+    """A tiny llama GGUF (block formats for the matrices, q/k in llama.cpp's row order);
+    returns its config."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import quantize
+
+    sys.path.insert(0, HERE)
+    import test_llama as TL
+
+    cfg = TL.TINY
+    weights = TL.to_gguf_names(TL.random_variables(cfg, 3), cfg)
+    kinds = {"token_embd": T.Q8_0, "attn_q": T.Q4_1, "attn_k": T.Q5_0, "attn_v": T.Q8_0,
+             "attn_output": T.Q4_0, "ffn_gate": T.Q5_1, "ffn_up": T.F16, "ffn_down": T.Q8_0}
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(cfg.layers)
+    w.add_context_length(cfg.max_len)
+    w.add_embedding_length(cfg.d)
+    w.add_feed_forward_length(cfg.ffn)
+    w.add_head_count(cfg.heads)
+    w.add_head_count_kv(cfg.kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_eps)
+    w.add_vocab_size(cfg.vocab)
+    for name, x in weights.items():
+        kind = next((k for part, k in kinds.items() if f"{part}." in name), T.F32)
+        w.add_tensor(name, quantize(x, kind) if kind != T.F32 else x, raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return cfg
+
+
+def test_gguf_rows_decode_only_the_rows_asked_for(tmp_path):
+    pytest.importorskip("gguf")
+    from lora_jax.models import gguf as G
+
+    path = str(tmp_path / "tiny.gguf")
+    cfg = _tiny_gguf(path)
+    f = G.read(path)
+    for name, heads in (("blk.0.attn_q.weight", cfg.heads), ("blk.1.attn_k.weight",
+                                                               cfg.kv_heads),
+                        ("token_embd.weight", None), ("blk.0.ffn_up.weight", None)):
+        kind, shape, raw = f.tensors[name]
+        whole = f.tensor(name)
+        if heads is not None:
+            whole = G.unpermute_qk(whole, heads)
+        source = G.TensorRows(f, name, shape, heads)
+        before = f.bytes_read
+        index = (slice(3, 17), slice(5, 40))
+        np.testing.assert_array_equal(source.read(index), whole[index], err_msg=name)
+        assert f.bytes_read - before == 14 * raw.nbytes // shape[0], name  # 14 rows' blocks
+    norm = G.TensorRows(f, "output_norm.weight", (cfg.d,))
+    np.testing.assert_array_equal(norm.read((slice(2, 9),)), f.tensor("output_norm.weight")[2:9])
+
+
+# ----------------------------------------------------------------------------------------
 # Multi-process: a failure on one process fails every process, in seconds
 
 
@@ -507,6 +568,34 @@ def worker(process_id: int, port: int, tmp: str, out: str) -> None:
 
     mesh = S.mesh((2, 4), ("data", "model"))  # rows of the mesh: one process each
     report: dict = {}
+
+    # 0. A GGUF onto the mesh: each process reads only the rows (whole blocks) it holds.
+    from lora_jax.models import gguf as G
+
+    gguf_path = os.path.join(tmp, "tiny.gguf")
+    if process_id == 0:
+        _tiny_gguf(gguf_path)
+    multihost_utils.sync_global_devices("gguf written")
+    every = tuple(mesh.axis_names)
+
+    def by_rows(tree):  # a kernel's GGUF rows are its output axis; an embedding's, its rows
+        return {k: by_rows(v) if isinstance(v, dict) else
+                PartitionSpec(None, every) if k == "kernel" else
+                PartitionSpec(every, None) if k == "embedding" else PartitionSpec()
+                for k, v in tree.items()}
+
+    reference = G.read(gguf_path)
+    _, dense = G.load_llama(reference)
+    for name, quantize in (("dense", None), ("nf4", "nf4")):
+        mine = G.read(gguf_path)
+        _, got = G.load_llama(mine, quantize=quantize, mesh=mesh, specs=by_rows)
+        same = True
+        if quantize is None:
+            same = all(np.array_equal(multihost_utils.process_allgather(a, tiled=True),
+                                      np.asarray(b))
+                       for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(dense)))
+        report[f"gguf_{name}"] = {"bytes_read": mine.bytes_read,
+                                  "total": reference.bytes_read, "equal": same}
 
     def record(name, fn):
         t0 = time.monotonic()
@@ -596,6 +685,12 @@ def test_a_failure_on_one_process_fails_every_process(tmp_path):
                                         ["on process 1", "file-size limit", "is intact"]),
         "locked_path": ("CheckpointBusyError", ["on process 0", "trainer-other-host-7"]),
     }
+    print("GGUF bytes read per process:", [(r[n]["bytes_read"], r[n]["total"]) for r in
+                                           (r0, r1) for n in ("gguf_dense", "gguf_nf4")])
+    for r in (r0, r1):
+        for name in ("gguf_dense", "gguf_nf4"):  # half the matrices' bytes, and the norms
+            assert r[name]["equal"], name
+            assert r[name]["bytes_read"] < 0.55 * r[name]["total"], (name, r[name])
     for name, (kind, words) in expect.items():
         assert r0[name]["error"] == r1[name]["error"] == kind, (name, r0[name], r1[name])
         assert r0[name]["message"] == r1[name]["message"], (name, r0[name], r1[name])
@@ -604,10 +699,147 @@ def test_a_failure_on_one_process_fails_every_process(tmp_path):
     assert r0["previous_adapter_kept"] and r1["previous_adapter_kept"]
 
 
+# ----------------------------------------------------------------------------------------
+# Multi-process: one process killed mid-save; resume on both, and onto another mesh
+
+
+def _resume_problem(n_processes: int):
+    """(mesh, base specs, lora, opt_state, AdaLoRA state) of test_sharding's AdaLoRA GPT,
+    placed on a (n_processes, 4) mesh."""
+    import jax
+
+    sys.path.insert(0, HERE)
+    import test_sharding as T
+
+    from lora_jax import sharding as S
+
+    mesh = S.mesh((n_processes, 4), ("data", "model"))
+    base, lora, opt, state, *_ = T.make_problem("adalora")
+    bspec = T._base_specs(base, mesh)
+    lspec = S.specs(lora, bspec, mesh=mesh)
+    placed = jax.device_put((lora, opt, state), (
+        S.named(mesh, lspec), S.named(mesh, S.state_specs(opt, lspec)),
+        S.named(mesh, S.state_specs(state, lspec))))
+    return (mesh, bspec, *placed)
+
+
+def _gathered(tree) -> list:
+    """Every array of ``tree`` whole, as float64 lists (on every process)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    out = []
+    for x in jax.tree.leaves(tree):
+        if jax.process_count() > 1 and not x.is_fully_addressable:
+            x = multihost_utils.process_allgather(x, tiled=True)
+        out.append(np.asarray(x, np.float64).ravel().tolist())
+    return out
+
+
+def resume_worker(phase: str, process_id: int, port: int, run: str, out: str) -> None:
+    """``save``: both processes save step 1, then step 2, and process 1 is SIGKILLed while
+    step 2 is being written. ``restore``: both restart and restore the latest step."""
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 4)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
+                               initialization_timeout=120)
+    from jax.experimental import multihost_utils
+
+    from lora_jax import checkpoint
+
+    mesh, bspec, lora, opt, state = _resume_problem(2)
+    if phase == "save":
+        mngr = checkpoint.Manager(run)
+        mngr.save(1, lora=lora, opt_state=opt, adalora=state)
+        mngr.wait()
+        saved = {"lora": _gathered(lora), "opt": _gathered(opt), "adalora": _gathered(state)}
+        with open(out, "w") as fh:
+            json.dump(saved, fh)
+        multihost_utils.sync_global_devices("step 1 saved")
+        doubled = jax.tree.map(lambda x: 2 * x, lora)
+        mngr.save(2, lora=doubled, opt_state=opt, adalora=state)  # returns while writing
+        if process_id == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        mngr.wait()  # process 0 can never finish step 2: the test kills it
+        return
+    with checkpoint.Manager(run) as mngr:
+        got = mngr.restore(mesh=mesh, specs=bspec, like=lora, opt_state=opt)
+    with open(out, "w") as fh:
+        json.dump({"step": got.step, "lora": _gathered(got.lora), "opt": _gathered(
+            got.opt_state), "adalora": _gathered(got.adalora)}, fh)
+    multihost_utils.sync_global_devices("restored")
+    jax.distributed.shutdown()
+
+
+def child_restore_one_process(run: str, _unused: str) -> None:
+    """The restart on one process of 4 devices: restores the latest step onto (1, 4)."""
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 4)
+    from lora_jax import checkpoint
+
+    mesh, bspec, lora, opt, state = _resume_problem(1)
+    with checkpoint.Manager(run) as mngr:
+        got = mngr.restore(mesh=mesh, specs=bspec, like=lora, opt_state=opt)
+    assert len(jax.tree.leaves(got.lora)[0].sharding.device_set) == 4
+    print(json.dumps({"step": got.step, "lora": _gathered(got.lora), "opt": _gathered(
+        got.opt_state), "adalora": _gathered(got.adalora)}))
+
+
+def test_a_process_killed_mid_save_resumes_from_the_last_complete_step(tmp_path):
+    sys.path.insert(0, HERE)
+    from conftest import free_port, run_workers
+
+    run, saved_file = str(tmp_path / "run"), str(tmp_path / "saved.json")
+    port = free_port()
+    logs = [open(tmp_path / f"save{i}.log", "w+") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "resume", "save",
+                               str(i), str(port), run, saved_file if i == 0 else
+                               saved_file + ".1"], env=_env(), stdout=logs[i],
+                              stderr=subprocess.STDOUT) for i in range(2)]
+    try:
+        procs[1].wait(timeout=CHILD_TIMEOUT_S)  # killed mid-save
+        time.sleep(2)  # process 0 gets on with step 2 as far as it can
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    text = []
+    for f in logs:
+        f.seek(0)
+        text.append(f.read()[-3000:])
+        f.close()
+    assert procs[1].returncode == -signal.SIGKILL, "\n----\n".join(text)
+    with open(saved_file) as fh:
+        saved = json.load(fh)
+    assert "2" not in os.listdir(run)  # never a step that only one process finished
+
+    def check(got):
+        assert got["step"] == 1
+        for item in ("lora", "opt", "adalora"):
+            assert len(got[item]) == len(saved[item]) > 0, item
+            for x, y in zip(got[item], saved[item]):
+                assert x == y, item  # bit for bit
+
+    outs = [str(tmp_path / f"restored{i}.json") for i in range(2)]
+    port = free_port()
+    for got in run_workers([([os.path.abspath(__file__), "resume", "restore", str(i),
+                              str(port), run, outs[i]], outs[i]) for i in range(2)],
+                           _env(), tmp_path, CHILD_TIMEOUT_S):
+        check(got)
+    check(_child("restore_one_process", run, str(tmp_path / "unused")))
+
+
 if __name__ == "__main__" and len(sys.argv) > 1:
     mode, rest = sys.argv[1], sys.argv[2:]
     if mode == "worker":
         worker(int(rest[0]), int(rest[1]), rest[2], rest[3])
+    elif mode == "resume":
+        resume_worker(rest[0], int(rest[1]), int(rest[2]), rest[3], rest[4])
     else:
         {"writer": child_writer, "no_write": child_no_write, "train": child_train,
+         "restore_one_process": child_restore_one_process,
          "file_limit": child_file_limit}[mode](*rest)

@@ -17,7 +17,6 @@ import difflib
 import os
 import re
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -212,10 +211,11 @@ def _storage_error(path: str, what: str, error: Exception, existed: bool,
 def _recovered(path: str) -> str:
     """``path`` after recovering from killed saves; read-only folders are resolved in place.
 
-    A reader recovers only when there is something to recover and no writer holds the lock
-    (never removing what a live writer is writing); otherwise it reads the newest complete
-    copy where it is."""
-    if jax.process_index() == 0 and not is_step_dir(path) and any(_leftovers(path)):
+    A reader recovers only when there is something to recover (leftovers, or the lock of a
+    writer that died, which it removes) and no live writer holds the lock (never removing what
+    a live writer is writing); otherwise it reads the newest complete copy where it is."""
+    if jax.process_index() == 0 and not is_step_dir(path) and (
+            any(_leftovers(path)) or os.path.lexists(f"{path}.lock")):
         writer = lock.WriterLock(f"{path}.lock", path)
         try:
             writer.acquire()
@@ -257,15 +257,17 @@ def read_stable(path: str | os.PathLike, read: Callable[[str], _T]) -> _T:
         return collective.run_everywhere(f"reading {path}", lambda: read(adapter_dir(path)))
     last: Exception | None = None
     for _ in range(READ_ATTEMPTS):
-        directory = adapter_dir(path)
-        before = _identity(directory)
+        directory, before = path, None
         try:
+            directory = adapter_dir(path)  # may miss a swap's rename: retried below
+            before = _identity(directory)
             value = read(directory)
-        except (CheckpointError, FileNotFoundError):
-            if _identity(directory) == before and before is not None and \
-                    not os.path.exists(f"{path}.lock"):
-                raise  # damaged, not replaced while read
-            last = sys.exc_info()[1]  # type: ignore[assignment]
+        except (CheckpointError, FileNotFoundError) as e:
+            writing = os.path.exists(f"{path}.lock")
+            changed = os.path.isdir(path) if before is None else _identity(directory) != before
+            if not writing and not changed:
+                raise  # missing or damaged, and no writer is replacing it
+            last = e
             time.sleep(lock.POLL_S)
             continue
         if _identity(directory) == before and before is not None:

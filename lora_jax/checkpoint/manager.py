@@ -196,7 +196,9 @@ class Manager:
         collective.run_everywhere("Manager.save", self._lock.acquire if first else
                                   lambda: None)
         self._locked = True
-        self._mngr.reload()  # the steps another writer may have saved since we last looked
+        # The steps another writer may have saved since we last looked (none of ours is in
+        # flight: the lock is released only once our saves are on disk).
+        self._mngr.reload()
 
     def _unlock(self) -> None:
         if self._locked and jax.process_index() == 0:
@@ -336,7 +338,7 @@ class Manager:
                     "replacing the steps after it, open the Manager with "
                     f"on_existing='overwrite' (drops steps >= {step}); to keep them, save to "
                     f"another directory or at a step above {latest}")
-            self.wait()
+            self._finish(self._mngr.wait_until_finished)  # keeps the lock, unlike wait()
             for s in self.steps:
                 if s >= step:
                     self._mngr.delete(s)

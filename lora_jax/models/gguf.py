@@ -42,7 +42,7 @@ import dataclasses
 import importlib.util
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import jax
@@ -234,6 +234,12 @@ class GGUFFile:
     path: str
     metadata: dict[str, Any]
     tensors: dict[str, tuple[str, tuple[int, ...], np.ndarray]]
+    _read: list = dataclasses.field(default_factory=lambda: [0], compare=False, repr=False)
+
+    @property
+    def bytes_read(self) -> int:
+        """Tensor bytes read so far (by :meth:`tensor` and :meth:`rows`)."""
+        return self._read[0]
 
     def tensor(self, name: str) -> np.ndarray:
         """Tensor ``name`` decoded to float32 in numpy dimension order."""
@@ -241,9 +247,53 @@ class GGUFFile:
             raise KeyError(f"{self.path}: no tensor {name!r}")
         kind, shape, raw = self.tensors[name]
         try:
-            return dequantize(raw, kind, shape)
+            out = dequantize(raw, kind, shape)
         except ValueError as e:
             raise ValueError(f"{self.path}: tensor {name!r}: {e} (a truncated file?)") from None
+        self._read[0] += raw.nbytes
+        return out
+
+    def rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (indices along the first numpy axis) of tensor ``name``, decoded to
+        float32; only their bytes are read (a row is whole blocks in every GGUF format)."""
+        if name not in self.tensors:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        kind, shape, raw = self.tensors[name]
+        data = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+        n_rows = shape[0] if len(shape) > 1 else 1
+        row_shape = tuple(shape[1:]) if len(shape) > 1 else tuple(shape)
+        if data.size % n_rows:
+            return self.tensor(name)[rows]  # raises: the byte count does not fit the shape
+        picked = data.reshape(n_rows, -1)[np.asarray(rows)]
+        try:
+            out = dequantize(picked, kind, (len(rows), *row_shape))
+        except ValueError as e:
+            raise ValueError(f"{self.path}: tensor {name!r}: {e} (a truncated file?)") from None
+        self._read[0] += picked.nbytes
+        return out if len(shape) > 1 else out.reshape(-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRows:
+    """A GGUF tensor as a :class:`~lora_jax.models.streaming.Source` that decodes only the rows
+    a slice needs (on a mesh, each process reads only the blocks of the rows its devices hold).
+
+    ``heads``: the q/k weights' head count; rows are then put back in Hugging Face's order
+    (:func:`unpermute_qk`), so a slice of rows reads the GGUF rows it maps to.
+    """
+
+    file: GGUFFile
+    name: str
+    shape: tuple[int, ...]
+    heads: int | None = None
+
+    def read(self, index: Sequence[slice]) -> np.ndarray:
+        if len(self.shape) == 1:
+            return self.file.rows(self.name, np.arange(1))[tuple(index)]
+        rows = np.arange(self.shape[0])[index[0]]
+        if self.heads is not None:  # unpermute_qk(w)[k] == w[source[k]]
+            rows = unpermute_qk(np.arange(self.shape[0])[:, None], self.heads)[:, 0][rows]
+        return self.file.rows(self.name, rows)[(slice(None), *index[1:])]
 
 
 def read(path: str | os.PathLike) -> GGUFFile:
@@ -416,9 +466,9 @@ def load_llama(source: str | os.PathLike | GGUFFile, dtype: Any = jnp.float32, *
     Quantized tensors are dequantized to ``dtype``; q/k rows are put back in Hugging Face's
     ``rotate_half`` order. Tensors are decoded one at a time (see
     :mod:`lora_jax.models.streaming`): with ``quantize`` each is quantized as soon as it is
-    decoded, so the model is never held at full precision. A GGUF block format is decoded a
-    whole tensor at a time, also on a mesh (each process then decodes every tensor it holds a
-    slice of, and keeps only its slices).
+    decoded, so the model is never held at full precision. Tensors are read by rows (whole
+    blocks): on a mesh each process reads and decodes only the rows its devices hold
+    (``GGUFFile.bytes_read`` counts them).
 
     Args:
       source: a path or a :class:`GGUFFile` from :func:`read`.
@@ -467,11 +517,7 @@ def load_llama(source: str | os.PathLike | GGUFFile, dtype: Any = jnp.float32, *
             raise ValueError(f"{g.path}: {name} has shape {g.tensors[name][1]}, expected "
                              f"{shape} from the metadata")
 
-        def decode() -> np.ndarray:
-            w = g.tensor(name)
-            return w if heads is None else unpermute_qk(w, heads)
-
-        src: streaming.Source = streaming.Computed(shape, decode)
+        src: streaming.Source = TensorRows(g, name, shape, heads)  # reads only needed rows
         # (out, in) weight -> Flax (in, out) kernel
         return streaming.Transposed(src, (1, 0)) if kernel else src
 
