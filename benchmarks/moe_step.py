@@ -232,38 +232,34 @@ def decode(args):
     routes = sorted({u for w in rep.weights.values() for u in w.routes})
     n = args.tokens
 
-    def generate(step_fn):
+    def generate(step_fn, variables, lora):
         @jax.jit
-        def run(variables, lora, cache, tok):
+        def run(tok):  # a fresh cache each run: n tokens from position 0
             def step(carry, _):
                 tok, cache = carry
                 logits, cache = step_fn(variables, lora, tok, cache)
                 return (jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), cache), None
 
-            (tok, cache), _ = lax.scan(step, (tok, cache), None, length=n)
-            return tok, cache
+            (tok, _), _ = lax.scan(step, (tok, init_cache(cfg, args.batch, n)), None, length=n)
+            return (tok,)
 
-        return lambda v, lr, c, t: run(v, lr, c, t)
+        return run
 
     merged = lora_jax.merge(params, lora)
     variants = [
-        ("apply(fn), LoRA r=8", generate(lambda v, lr, t, c: fn(v, lr, t, cache=c)),
-         (params, lora)),
-        ("merged weights (no adapter)", generate(lambda v, lr, t, c: model.apply(v, t, cache=c)),
-         (merged, None)),
+        ("apply(fn), LoRA r=8",
+         generate(lambda v, lr, t, c: fn(v, lr, t, cache=c), params, lora)),
+        ("merged weights (no adapter)",
+         generate(lambda v, lr, t, c: model.apply(v, t, cache=c), merged, None)),
     ]
-    runs = []
-    for name, run, (v, lr) in variants:
-        cache = init_cache(cfg, args.batch, n + 1)
-        runs.append((lambda tok, cache, run=run, v=v, lr=lr: run(v, lr, cache, tok),
-                     (tok, cache), ()))
+    runs = [(run, (tok,), ()) for _, run in variants]
     times = time_interleaved(runs, n_warmup=1, n_steps=args.steps)
     print(f"\ndecode: Llama d={cfg.d} ffn={cfg.ffn} layers={cfg.layers} batch={args.batch} "
           f"tokens/run={n} backend={jax.default_backend()} lora_jax={lora_jax.__file__}")
     print(f"routes of the adapted weights: {routes}")
     print(fmt_table(["variant", "ms/token", "vs merged"],
                     [[name, f"{t / n * 1e3:.2f}", f"{t / times[1]:.3f}"]
-                     for (name, _, _), t in zip(variants, times)]))
+                     for (name, _), t in zip(variants, times)]))
 
 
 def main(argv=None):
