@@ -19,6 +19,12 @@ every row (E times its real work), for every variant alike: compare FLOPs betwee
 variants, not with full fine-tuning's.
 
     python benchmarks/moe_step.py [--experts 8 64] [--steps 7] [--small]
+
+``--decode`` times instead one decoded token of a Llama through ``apply`` (LoRA on every
+projection), the few-rows case: run it with this checkout and with an older one on
+``PYTHONPATH`` to compare the unmerged route with the merged one it replaced.
+
+    python benchmarks/moe_step.py --decode [--batch 1] [--tokens 32] [--steps 7]
 """
 
 from __future__ import annotations
@@ -209,12 +215,66 @@ def run(experts, args):
                      "peak/LoRA", "trainable"], rows))
 
 
+def decode(args):
+    """Time per decoded token of a Llama (SmolLM2-135M widths, 6 layers, random weights)
+    through ``apply`` with LoRA r=8 on every projection, against the merged weights."""
+    from lora_jax.models.llama import Llama, LlamaConfig, init_cache
+
+    cfg = LlamaConfig(vocab=8192, layers=2 if args.small else 6, max_len=512)
+    model = Llama(cfg)
+    tok = jnp.zeros((args.batch, 1), jnp.int32)
+    params = model.init(jax.random.key(0), tok)
+    layouts = lora_jax.trace(model.apply, params, tok)
+    lora = lora_jax.init(params, r=8, alpha=16, key=jax.random.key(1), layouts=layouts)
+    lora = jax.tree.map(lambda a: a + 0.01, lora)  # B non-zero
+    fn = lora_jax.apply(model.apply)
+    rep = lora_jax.report(model.apply, params, lora, tok, cache=init_cache(cfg, args.batch, 64))
+    routes = sorted({u for w in rep.weights.values() for u in w.routes})
+    n = args.tokens
+
+    def generate(step_fn, variables, lora):
+        @jax.jit
+        def run(tok):  # a fresh cache each run: n tokens from position 0
+            def step(carry, _):
+                tok, cache = carry
+                logits, cache = step_fn(variables, lora, tok, cache)
+                return (jnp.argmax(logits[:, -1], -1)[:, None].astype(jnp.int32), cache), None
+
+            (tok, _), _ = lax.scan(step, (tok, init_cache(cfg, args.batch, n)), None, length=n)
+            return (tok,)
+
+        return run
+
+    merged = lora_jax.merge(params, lora)
+    variants = [
+        ("apply(fn), LoRA r=8",
+         generate(lambda v, lr, t, c: fn(v, lr, t, cache=c), params, lora)),
+        ("merged weights (no adapter)",
+         generate(lambda v, lr, t, c: model.apply(v, t, cache=c), merged, None)),
+    ]
+    runs = [(run, (tok,), ()) for _, run in variants]
+    times = time_interleaved(runs, n_warmup=1, n_steps=args.steps)
+    print(f"\ndecode: Llama d={cfg.d} ffn={cfg.ffn} layers={cfg.layers} batch={args.batch} "
+          f"tokens/run={n} backend={jax.default_backend()} lora_jax={lora_jax.__file__}")
+    print(f"routes of the adapted weights: {routes}")
+    print(fmt_table(["variant", "ms/token", "vs merged"],
+                    [[name, f"{t / n * 1e3:.2f}", f"{t / times[1]:.3f}"]
+                     for (name, _), t in zip(variants, times)]))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--experts", type=int, nargs="+", default=[8, 64])
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--small", action="store_true", help="a tiny model (smoke test)")
+    ap.add_argument("--decode", action="store_true",
+                    help="time per decoded token of a Llama through apply() instead")
+    ap.add_argument("--batch", type=int, default=1, help="decode batch")
+    ap.add_argument("--tokens", type=int, default=32, help="tokens per decode run")
     args = ap.parse_args(argv)
+    if args.decode:
+        decode(args)
+        return
     for e in args.experts:
         run(e, args)
     print("\n* XLA:CPU counts each ragged_dot as if every expert saw every row: FLOPs compare "

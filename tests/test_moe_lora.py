@@ -204,6 +204,20 @@ def test_qlora_experts_dequantize_inside_the_grouped_rule(fmt):
     assert max_rel_err(y, moe_ragged(lora_jax.merge(dense, frozen), x)) < 2e-5
 
 
+def test_qlora_stacked_experts_under_scan():
+    params, x = moe_params(layers=2), rnd(9, (T, D))
+    fn = stacked(moe_ragged)
+    layouts = lora_jax.trace(fn, params, x)
+    # Tiny layers (12 blocks each): double quantization's groups of 256 would straddle them.
+    base = lora_jax.quantize(params, "nf4", block_size=16, layouts=layouts, targets="up|down",
+                             double_quant=False)
+    dense = {k: v.dequantize() if lora_jax.protocols.is_base_leaf(v) else v
+             for k, v in base.items()}
+    lora = init_lora(params, r=2, layouts=layouts)
+    check_merged(fn, base, lora, x, ref_params=dense, tol=2e-5, gtol=2e-4)
+    assert lora_jax.report(fn, base, lora, x)["up"].routes == ["grouped"]
+
+
 def test_dora_experts_refuse_the_grouped_rule_clearly():
     params, x = moe_params(), rnd(9, (T, D))
     lora = init_lora(params, r=2, dora=True, layouts=lora_jax.trace(moe_ragged, params, x))

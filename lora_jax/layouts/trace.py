@@ -212,7 +212,12 @@ def _eqn(rec: _Recorder, eqn, ins) -> list:
         return none
     if name == "conv_general_dilated" and tagged == [1]:
         path, v = ins[1]
-        rec.use(path, name, "dense", conv_roles(eqn, v, rec.shapes[path]))
+        roles = conv_roles(eqn, v, rec.shapes[path])
+        if roles is None:
+            rec.unplaced(path, name, "a grouped (feature_group_count > 1) convolution, or the "
+                         "kernel was reshaped across its axes")
+        else:
+            rec.use(path, name, "dense", roles)
         return none
     if name == "gather" and tagged == [0]:
         path, v = ins[0]
