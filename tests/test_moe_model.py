@@ -419,3 +419,22 @@ def test_peft_expert_save_refuses_what_peft_cannot_read(loaded, tmp_path):
                             stack_axes=moe.EXPERT_STACK_AXES)
     with pytest.raises(ValueError, match="dropout 0.1; PEFT's target_parameters adapters refuse"):
         lora_jax.peft.save(tmp_path / "b", dropped, name_map="qwen3_moe")
+
+
+def test_qwen3_moe_name_map_agrees_with_the_loader(loaded):
+    """Every adaptable parameter's PEFT module is its Hugging Face tensor name without
+    ``.weight`` (as transformers names the modules); the expert kernels are parameters."""
+    from lora_jax.peft.experts import EXPERT_MAPS
+    from lora_jax.peft.names import map_parts, resolve
+
+    cfg, base = loaded
+    fn = resolve("qwen3_moe")
+    for hf, where in moe.hf_names(cfg).items():
+        path = "/".join(("params",) + where)
+        assert [p.template for p in map_parts(fn, path)] == [hf.removesuffix(".weight")], path
+    emap = EXPERT_MAPS["qwen3_moe"]
+    for i in (0, 2):
+        for p in ("gate_up_proj", "down_proj"):
+            path = f"params/layers_{i}/mlp/experts/{p}/kernel"
+            assert map_parts(fn, path) is None
+            assert emap.lookup(path) == (f"model.layers.{i}.mlp.experts", p)
