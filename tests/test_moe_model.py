@@ -507,3 +507,18 @@ def test_per_expert_module_adapter_matches_merged_weights(loaded, io, tmp_path, 
         base, lora, jnp.asarray(io["input_ids"], jnp.int32))
     assert _rel(want, io["logits"]) > 0.05
     assert _rel(got, want) <= 1e-5
+
+
+def test_save_warns_where_peft_would_drop_dense_mlp_adapters(loaded, tmp_path):
+    """PEFT 0.21 + transformers 5 converts target_modules named gate/up/down_proj of a
+    Qwen3-MoE into expert parameters: a dense layer's MLP adapter would be ignored there."""
+    _, base = loaded
+    lora = lora_jax.init(base, r=2, key=jax.random.key(0), targets=r".*layers_1/mlp/up_proj/kernel")
+    with pytest.warns(UserWarning, match=r"model.layers.1.mlp.up_proj.*ignores"):
+        lora_jax.peft.save(tmp_path / "a", lora, name_map="qwen3_moe")
+    lora = lora_jax.init(base, r=2, key=jax.random.key(0), targets=r".*q_proj/kernel")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lora_jax.peft.save(tmp_path / "b", lora, name_map="qwen3_moe")

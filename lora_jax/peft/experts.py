@@ -258,6 +258,26 @@ def _take_per_expert(cfg: Mapping[str, Any], tensors: dict[str, np.ndarray], par
     return out
 
 
+def warn_converted_names(module_names: list[str], name_map: NameMap) -> None:
+    """Warns when PEFT would misread ``target_modules``: for MoE model types, PEFT 0.21 under
+    transformers 5 (``utils/transformers_weight_conversion.py``) turns every entry named like
+    a per-expert module of older transformers (``gate_proj``, ``up_proj``, ``down_proj``) into
+    expert ``target_parameters`` and drops it from ``target_modules``, so the adapters of
+    dense MLP layers (``mlp_only_layers``, ``decoder_sparse_step``) of such a model would be
+    ignored when PEFT loads the folder (their tensors left unused)."""
+    emap = expert_map(name_map)
+    if emap is None or not emap.per_expert:
+        return
+    fused = {m for mods in emap.per_expert.values() for m in mods}
+    hit = [n for n in module_names if n.rsplit(".", 1)[-1] in fused]
+    if hit:
+        import warnings
+
+        warnings.warn(f"save: PEFT 0.21 with transformers 5 reads target_modules {few(hit)} as "
+                      "expert parameters and ignores these dense-MLP adapters when it loads "
+                      "this folder (lora_jax.peft.load reads them correctly)", stacklevel=3)
+
+
 @dataclasses.dataclass
 class SavedExperts:
     """The expert part of a PEFT folder being written."""
