@@ -419,3 +419,106 @@ def test_peft_expert_save_refuses_what_peft_cannot_read(loaded, tmp_path):
                             stack_axes=moe.EXPERT_STACK_AXES)
     with pytest.raises(ValueError, match="dropout 0.1; PEFT's target_parameters adapters refuse"):
         lora_jax.peft.save(tmp_path / "b", dropped, name_map="qwen3_moe")
+
+
+def test_qwen3_moe_name_map_agrees_with_the_loader(loaded):
+    """Every adaptable parameter's PEFT module is its Hugging Face tensor name without
+    ``.weight`` (as transformers names the modules); the expert kernels are parameters."""
+    from lora_jax.peft.experts import EXPERT_MAPS
+    from lora_jax.peft.names import map_parts, resolve
+
+    cfg, base = loaded
+    fn = resolve("qwen3_moe")
+    for hf, where in moe.hf_names(cfg).items():
+        path = "/".join(("params",) + where)
+        assert [p.template for p in map_parts(fn, path)] == [hf.removesuffix(".weight")], path
+    emap = EXPERT_MAPS["qwen3_moe"]
+    for i in (0, 2):
+        for p in ("gate_up_proj", "down_proj"):
+            path = f"params/layers_{i}/mlp/experts/{p}/kernel"
+            assert map_parts(fn, path) is None
+            assert emap.lookup(path) == (f"model.layers.{i}.mlp.experts", p)
+
+
+def _legacy_adapter(folder, cfg, targets, r=2, alpha=6, seed=11):
+    """A PEFT folder in transformers 4's per-expert module layout (``mlp.experts.{j}.gate_proj``
+    ... as Linear modules) with random factors; returns the tensors."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    f = cfg.expert_ffn
+    shapes = {"gate_proj": (f, cfg.d), "up_proj": (f, cfg.d), "down_proj": (cfg.d, f)}
+    dense = {"gate_proj": (cfg.ffn, cfg.d), "up_proj": (cfg.ffn, cfg.d),
+             "down_proj": (cfg.d, cfg.ffn)}
+    tensors = {}
+    for i in range(cfg.layers):
+        mods = ({f"model.layers.{i}.mlp.experts.{j}.{p}": shapes[p]
+                 for j in range(cfg.experts) for p in targets} if cfg.is_sparse(i)
+                else {f"model.layers.{i}.mlp.{p}": dense[p] for p in targets})
+        for name, (n_out, n_in) in mods.items():
+            key = "base_model.model." + name
+            tensors[key + ".lora_A.weight"] = (0.3 * rng.standard_normal((r, n_in))).astype(
+                np.float32)
+            tensors[key + ".lora_B.weight"] = (0.3 * rng.standard_normal((n_out, r))).astype(
+                np.float32)
+    os.makedirs(folder)
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+    with open(os.path.join(folder, "adapter_config.json"), "w") as fh:
+        json.dump({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets,
+                   "lora_dropout": 0.0, "bias": "none"}, fh)
+    return tensors
+
+
+@pytest.mark.parametrize("targets", [["gate_proj", "up_proj", "down_proj"], ["up_proj"]])
+def test_per_expert_module_adapter_matches_merged_weights(loaded, io, tmp_path, targets):
+    """Adapters of older transformers' per-expert Linear modules load into the stacked kernels
+    (gate and up ranks stacked in gate_up_proj): == the model on W + scale·B@A per expert
+    module, merged here in float64. (PEFT 0.21 itself converts such folders for transformers
+    5 but then drops the dense layers' gate/up/down_proj adapters: checked by hand, see the
+    report.)"""
+    cfg, base = loaded
+    tensors = _legacy_adapter(tmp_path / "legacy", cfg, targets)
+    lora = lora_jax.peft.load(tmp_path / "legacy", base, name_map="qwen3_moe")
+    merged = jax.tree.map(lambda x: np.asarray(x, np.float64), base)
+
+    def delta(name):
+        key = "base_model.model." + name
+        a, b = (tensors[f"{key}.lora_{m}.weight"].astype(np.float64) for m in "AB")
+        return (b @ a).T * 6 / 2  # Flax (in, out)
+
+    f = cfg.expert_ffn
+    for i in range(cfg.layers):
+        mlp = merged["params"][f"layers_{i}"]["mlp"]
+        if not cfg.is_sparse(i):
+            for p in targets:
+                mlp[p]["kernel"] += delta(f"model.layers.{i}.mlp.{p}")
+            continue
+        for j in range(cfg.experts):
+            for p in targets:
+                d = delta(f"model.layers.{i}.mlp.experts.{j}.{p}")
+                if p == "down_proj":
+                    mlp["experts"]["down_proj"]["kernel"][j] += d
+                else:
+                    cols = slice(0, f) if p == "gate_proj" else slice(f, 2 * f)
+                    mlp["experts"]["gate_up_proj"]["kernel"][j][:, cols] += d
+    want = _logits(cfg, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), merged),
+                   io["input_ids"])
+    got = jax.jit(lora_jax.apply(moe.MoeModel(cfg).apply))(
+        base, lora, jnp.asarray(io["input_ids"], jnp.int32))
+    assert _rel(want, io["logits"]) > 0.05
+    assert _rel(got, want) <= 1e-5
+
+
+def test_save_warns_where_peft_would_drop_dense_mlp_adapters(loaded, tmp_path):
+    """PEFT 0.21 + transformers 5 converts target_modules named gate/up/down_proj of a
+    Qwen3-MoE into expert parameters: a dense layer's MLP adapter would be ignored there."""
+    _, base = loaded
+    lora = lora_jax.init(base, r=2, key=jax.random.key(0), targets=r".*layers_1/mlp/up_proj/kernel")
+    with pytest.warns(UserWarning, match=r"model.layers.1.mlp.up_proj.*ignores"):
+        lora_jax.peft.save(tmp_path / "a", lora, name_map="qwen3_moe")
+    lora = lora_jax.init(base, r=2, key=jax.random.key(0), targets=r".*q_proj/kernel")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lora_jax.peft.save(tmp_path / "b", lora, name_map="qwen3_moe")

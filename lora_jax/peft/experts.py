@@ -22,6 +22,10 @@ are named ``<module>.lora_A.weight`` and each earlier one gets one more ``.base_
 wrapper around it (Qwen3-MoE with both targeted: ``gate_up_proj`` is
 ``<module>.base_layer.lora_A.weight``, ``down_proj`` is ``<module>.lora_A.weight``).
 
+Adapters written for older transformers, whose experts were Linear modules
+(``<module>.{j}.gate_proj`` ...), load too (see :func:`take`); :func:`lora_jax.peft.save`
+writes the ``target_parameters`` form.
+
 An *expert map* says which Flax paths are such parameters: ``{regex: (module name, parameter
 name)}`` plus the module's parameter order; :data:`EXPERT_MAPS` has one per built-in name map
 that has experts (``"qwen3_moe"``, for :class:`lora_jax.models.moe.MoeModel`).
@@ -51,10 +55,14 @@ class ExpertMap:
       paths: ``{regex over Flax paths: (module name template, parameter name)}`` (the
         template expanded with the match's groups).
       order: the module's parameters in PyTorch registration order (the nesting order).
+      per_expert: ``{parameter: its per-expert Linear modules, in output order}``: the
+        layout of older transformers (``<module>.{j}.gate_proj`` ...), whose PEFT adapters
+        :func:`take` reads too.
     """
 
     paths: Mapping[str, tuple[str, str]]
     order: tuple[str, ...]
+    per_expert: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def lookup(self, path: str) -> tuple[str, str] | None:
         for pat, (module, param) in self.paths.items():
@@ -68,7 +76,8 @@ EXPERT_MAPS: dict[str, ExpertMap] = {
     "qwen3_moe": ExpertMap(
         {r"params/layers_(\d+)/mlp/experts/(gate_up_proj|down_proj)/kernel":
             (r"model.layers.\1.mlp.experts", r"\2")},
-        ("gate_up_proj", "down_proj")),
+        ("gate_up_proj", "down_proj"),
+        {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}),
 }
 
 
@@ -92,8 +101,9 @@ def _prefixes(params_of_module: list[str], order: tuple[str, ...]) -> dict[str, 
 
 def take(cfg: Mapping[str, Any], tensors: dict[str, np.ndarray], params: Any,
          name_map: NameMap, dtype: Any) -> dict[str, L.LoraWeight]:
-    """The expert adapters of a PEFT folder whose config has ``target_parameters``: removes
-    their tensors from ``tensors`` and returns ``{Flax path: LoraWeight}``.
+    """The expert adapters of a PEFT folder (``target_parameters``, or per-expert modules of
+    older transformers): removes their tensors from ``tensors`` and returns
+    ``{Flax path: LoraWeight}``.
 
     Raises:
       ValueError: no expert map for ``name_map``, a ``target_parameters`` entry that names no
@@ -101,9 +111,10 @@ def take(cfg: Mapping[str, Any], tensors: dict[str, np.ndarray], params: Any,
         tensor of the wrong shape (named, with the expected shape), options PEFT's
         ``ParamWrapper`` refuses (dropout, DoRA).
     """
+    out = _take_per_expert(cfg, tensors, params, name_map, dtype)
     targets = cfg.get("target_parameters") or []
     if not targets:
-        return {}
+        return out
     where = "load"
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise TypeError(f"{where}: target_parameters must be a list of parameter names, got "
@@ -136,10 +147,12 @@ def take(cfg: Mapping[str, Any], tensors: dict[str, np.ndarray], params: Any,
             per_module.setdefault(m, []).append(p)
     rp, ap = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     rslora = bool(cfg.get("use_rslora"))
-    out: dict[str, L.LoraWeight] = {}
     for path, (module, param, shape) in found.items():
         if param not in per_module.get(module, []):
             continue
+        if path in out:
+            raise ValueError(f"{where}: {module}.{param} has both per-expert module tensors and "
+                             "target_parameters tensors")
         prefix = PREFIX + module + _prefixes(per_module[module], emap.order)[param]
         key = f"{module}.{param}"
         r = int(rp.get(pattern_key(list(rp), key), cfg.get("r", 8)))
@@ -163,6 +176,106 @@ def take(cfg: Mapping[str, Any], tensors: dict[str, np.ndarray], params: Any,
         out[path] = L.LoraWeight(a=jnp.asarray(a, dtype), b=jnp.asarray(b, dtype), alpha=alpha,
                                  rslora=rslora, in_axes=1, stack_axes=1, dropout=0.0)
     return out
+
+
+def _take_per_expert(cfg: Mapping[str, Any], tensors: dict[str, np.ndarray], params: Any,
+                     name_map: NameMap, dtype: Any) -> dict[str, L.LoraWeight]:
+    """Adapters of per-expert Linear modules (``<module>.{j}.gate_proj`` ..., transformers 4's
+    layout) as leaves of the stacked kernels; removes their tensors from ``tensors``.
+
+    Expert j's modules of one kernel (gate and up for ``gate_up_proj``) stack their ranks:
+    ``a_j = [A_gate.T, A_up.T]`` and a block-diagonal ``b_j`` holding ``scale · B.T`` of each
+    in its output columns (leaf ``alpha = rank``, so the leaf's scale is 1); a module absent
+    from the adapter (up_proj not targeted) adds no rank, its output columns stay zero.
+    """
+    emap = expert_map(name_map)
+    if emap is None or not emap.per_expert:
+        return {}
+    from lora_jax.peft.config import is_targeted
+
+    rp, ap = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    rslora = bool(cfg.get("use_rslora"))
+    out: dict[str, L.LoraWeight] = {}
+    for path, x in paths.flatten(params):
+        hit = emap.lookup(path)
+        if hit is None or hit[1] not in emap.per_expert:
+            continue
+        module, param = hit
+        n_exp, n_in, n_out = tuple(x.shape)
+        subs = emap.per_expert[param]
+        width = n_out // len(subs)
+        names = {(j, sub): f"{module}.{j}.{sub}" for j in range(n_exp) for sub in subs}
+        present = {k: n for k, n in names.items() if f"{PREFIX}{n}.lora_A.weight" in tensors}
+        if not present:
+            continue
+        if cfg.get("use_dora") or cfg.get("peft_type") != "LORA":
+            raise ValueError(f"load: per-expert adapters of {module} are read as plain LoRA only")
+        blocks: dict[tuple[int, str], tuple[np.ndarray, np.ndarray, float]] = {}
+        for (j, sub), name in names.items():
+            key_a, key_b = f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
+            if (j, sub) not in present:
+                if any(s == sub for _, s in present) or is_targeted(cfg, name):
+                    raise ValueError(f"load: the adapter has per-expert tensors of {module} "
+                                     f"but no {key_a!r}")
+                continue
+            if not is_targeted(cfg, name):
+                raise ValueError(f"load: tensors for {name!r}, which the config's "
+                                 f"target_modules {cfg.get('target_modules')!r} do not select "
+                                 "(PEFT would ignore them)")
+            if key_b not in tensors:
+                raise ValueError(f"load: {key_a!r} without {key_b!r}")
+            r = int(rp.get(pattern_key(list(rp), name), cfg.get("r", 8)))
+            alpha = float(ap.get(pattern_key(list(ap), name), cfg.get("lora_alpha", 8)))
+            a, b = tensors.pop(key_a), tensors.pop(key_b)
+            for k, got, want in ((key_a, a, (r, n_in)), (key_b, b, (width, r))):
+                if tuple(got.shape) != want:
+                    raise ValueError(f"load: tensor {k!r} has shape {tuple(got.shape)}, "
+                                     f"expected {want} (r={r})")
+            scale = alpha / (r ** 0.5 if rslora else r)
+            blocks[(j, sub)] = (np.asarray(a, np.float64), np.asarray(b, np.float64), scale)
+        ranks = {sub: {blocks[(j, s)][0].shape[0] for (j, s) in blocks if s == sub}
+                 for sub in subs}
+        if any(len(v) > 1 for v in ranks.values()):
+            raise NotImplementedError(f"load: experts of {module} with different ranks per "
+                                      f"expert {ranks}; one leaf holds one rank")
+        rank_of = {sub: next(iter(v)) for sub, v in ranks.items() if v}
+        total = sum(rank_of.values())
+        a_all = np.zeros((n_exp, n_in, total))
+        b_all = np.zeros((n_exp, total, n_out))
+        for j in range(n_exp):
+            row = 0
+            for k, sub in enumerate(subs):
+                if sub not in rank_of:
+                    continue
+                a, b, scale = blocks[(j, sub)]
+                r = rank_of[sub]
+                a_all[j, :, row: row + r] = a.T
+                b_all[j, row: row + r, k * width: (k + 1) * width] = b.T * scale
+                row += r
+        out[path] = L.LoraWeight(a=jnp.asarray(a_all, dtype), b=jnp.asarray(b_all, dtype),
+                                 alpha=float(total), rslora=False, in_axes=1, stack_axes=1,
+                                 dropout=float(cfg.get("lora_dropout") or 0.0))
+    return out
+
+
+def warn_converted_names(module_names: list[str], name_map: NameMap) -> None:
+    """Warns when PEFT would misread ``target_modules``: for MoE model types, PEFT 0.21 under
+    transformers 5 (``utils/transformers_weight_conversion.py``) turns every entry named like
+    a per-expert module of older transformers (``gate_proj``, ``up_proj``, ``down_proj``) into
+    expert ``target_parameters`` and drops it from ``target_modules``, so the adapters of
+    dense MLP layers (``mlp_only_layers``, ``decoder_sparse_step``) of such a model would be
+    ignored when PEFT loads the folder (their tensors left unused)."""
+    emap = expert_map(name_map)
+    if emap is None or not emap.per_expert:
+        return
+    fused = {m for mods in emap.per_expert.values() for m in mods}
+    hit = [n for n in module_names if n.rsplit(".", 1)[-1] in fused]
+    if hit:
+        import warnings
+
+        warnings.warn(f"save: PEFT 0.21 with transformers 5 reads target_modules {few(hit)} as "
+                      "expert parameters and ignores these dense-MLP adapters when it loads "
+                      "this folder (lora_jax.peft.load reads them correctly)", stacklevel=3)
 
 
 @dataclasses.dataclass

@@ -146,6 +146,7 @@ def save(
         warnings.warn(f"save: PEFT has one lora_dropout; the modules have {set(dropout.values())},"
                       " writing the most common", stacklevel=2)
     names = sorted(ranks)
+    experts.warn_converted_names(names, name_map)
     ranks.update(expert_part.ranks)
     alphas.update(expert_part.alphas)
     rslora.update(expert_part.rslora)
