@@ -45,6 +45,8 @@ class LeafSpec(NamedTuple):
 
 #: ``factors(key, spec, dtype) -> (A, B)`` in the shapes of ``spec``.
 Factors = Callable[[jax.Array, LeafSpec, Any], tuple[jax.Array, jax.Array]]
+#: ``draw(key, shape, dtype) -> array``: AdaLoRA's P or Q (its E starts at zero).
+Draw = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +61,8 @@ class InitScheme:
         base the scheme returns): such an adapter is only right on that base.
       quantized_base: the scheme runs on an already quantized kernel and the model starts as
         the quantized model (a decomposition of the kernel needs the dense weight instead).
-      adalora: AdaLoRA (``P·diag(E)·Q``) can start from it.
+      adalora: how AdaLoRA (``P·diag(E)·Q``, E = 0 at init) draws P and Q under this
+        scheme; ``None``: AdaLoRA does not support it.
       builder: for ``factors=None``: the function that returns ``(base, lora)``.
     """
 
@@ -67,7 +70,7 @@ class InitScheme:
     factors: Factors | None
     changes_base: bool = False
     quantized_base: bool = True
-    adalora: bool = False
+    adalora: Draw | None = None
     builder: str = ""
 
 
@@ -172,6 +175,15 @@ def _zeros(key, s: LeafSpec, dtype):
     return jnp.zeros(s.a_shape, dtype), jnp.zeros(s.b_shape, dtype)
 
 
+def _adalora_normal(key, shape, dtype):
+    """PEFT ``AdaLoraLayer.reset_lora_parameters``: N(0, 0.02²)."""
+    return 0.02 * _flat(key, shape, dtype, jax.random.normal)
+
+
+def _adalora_zeros(key, shape, dtype):
+    return jnp.zeros(shape, dtype)
+
+
 def _matrix(s: LeafSpec) -> jax.Array:
     """The kernel as ``(*stack, in, out)`` float32 matrices."""
     w = jnp.transpose(protocols.dense(s.kernel, jnp.float32), Lay.to_canonical(s.roles))
@@ -197,9 +209,9 @@ def _pissa(key, s: LeafSpec, dtype):
     return a, b
 
 
-register(InitScheme("default", _default, adalora=True))
+register(InitScheme("default", _default, adalora=_adalora_normal))
 register(InitScheme("gaussian", _gaussian))
-register(InitScheme("zeros", _zeros, adalora=True))
+register(InitScheme("zeros", _zeros, adalora=_adalora_zeros))
 register(InitScheme("pissa", _pissa, changes_base=True, quantized_base=False))
 register(InitScheme("olora", _olora, changes_base=True, quantized_base=False))
 register(InitScheme("loftq", None, changes_base=True, quantized_base=False,
@@ -209,7 +221,10 @@ register(InitScheme("loftq", None, changes_base=True, quantized_base=False,
 def residual_base(params: Any, lora: Any) -> Any:
     """The base an adapter tree starts unchanged on: ``W − s·A·B`` at every path whose leaf's
     scheme changed the base (PiSSA, OLoRA; for DoRA leaves the linear part ``s·A·B``), other
-    paths as they are. A LoftQ base comes from :func:`lora_jax.loftq.init` instead."""
+    paths as they are. A LoftQ base comes from :func:`lora_jax.loftq.init` instead.
+
+    Call it on the tree ``init`` returned, before training: the residual is ``W`` minus the
+    *initial* update, which trained factors no longer give."""
     from lora_jax.leaves import from_leaves, leaves
     from lora_jax.merging import unmerge
 

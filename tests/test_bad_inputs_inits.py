@@ -241,3 +241,15 @@ def test_dora_unmerge_refuses_a_unit_it_cannot_recover():
     with pytest.raises(ValueError, match=r"dora.unmerge: 'd/kernel' has 1 output unit\(s\) with "
                                          "magnitude m = 0 and a non-zero"):
         dora.unmerge(lora_jax.merge(base, lora), lora, dora.norms(base, lora))
+
+
+def test_nnx_set_adapters_names_an_adapter_of_another_base():
+    from flax import nnx
+
+    model = nnx.Sequential(nnx.Linear(6, 5, rngs=nnx.Rngs(0)), nnx.relu,
+                           nnx.Linear(5, 4, rngs=nnx.Rngs(1)))
+    lm = lora_jax.nnx.LoRA(model, 2, rngs=nnx.Rngs(2), init="pissa")
+    plain = lora_jax.init(nnx.state(model, nnx.Param), 2, key=K(0))
+    with pytest.raises(ValueError, match="its base is \"the model's own\", this module's "
+                                         "'pissa'"):
+        lm.set_adapters(plain)

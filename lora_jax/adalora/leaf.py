@@ -7,7 +7,6 @@ allocator, the regulariser and :func:`lora_jax.adalora.finalize`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -159,8 +158,9 @@ def init(
     ((8, 3), (3,), (3, 4), 1.0)
     """
     scheme = schemes.get(init, "adalora.init")
-    if not scheme.adalora:
-        ok = [n for n in schemes.names() if schemes.get(n, "adalora.init").adalora]
+    draw = scheme.adalora
+    if draw is None:
+        ok = [n for n in schemes.names() if schemes.get(n, "adalora.init").adalora is not None]
         raise ValueError(f"adalora.init: init={init!r} is not supported by AdaLoRA (P·diag(E)·Q "
                          f"starts with E = 0); AdaLoRA supports {ok}")
     target_r = V.integer(target_r, "adalora.init: target_r", low=0)
@@ -180,7 +180,6 @@ def init(
         shape, r, roles = s["shape"], s["r"], s["roles"]
         stack, in_dims, out_dims = Lay.split(roles, shape)
         canonical = roles == Lay.canonical(len(shape), len(in_dims), len(stack))
-        draw = _normal if scheme.name == "default" else _zeros
         out[path] = AdaLoraWeight(
             p=draw(kp, stack + in_dims + (r,), dtype),
             e=jnp.zeros(stack + (r,), dtype),
@@ -189,16 +188,6 @@ def init(
             stack_axes=len(stack), dropout=dropout, roles="" if canonical else roles,
         )
     return L.from_leaves(out)
-
-
-def _normal(key, shape, dtype):
-    # N(0, 0.02^2), PEFT reset_lora_parameters. Drawn flat: XLA:CPU compiles a 1-D threefry
-    # draw several times faster than an n-D one.
-    return (0.02 * jax.random.normal(key, (math.prod(shape),), dtype)).reshape(shape)
-
-
-def _zeros(key, shape, dtype):
-    return jnp.zeros(shape, dtype)
 
 
 def flatten(lora: PyTree):

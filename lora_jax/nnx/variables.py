@@ -97,10 +97,13 @@ def assign(tree: Any, defs: Defs, lora: PyTree) -> None:
         if tdef != treedef:
             mine = jax.tree.unflatten(treedef, [_value(node[n]) for n in names])
             theirs = got[path]
+            bases = [getattr(x, "residual_init", "") or "the model's own" for x in (theirs, mine)]
+            base = ("" if bases[0] == bases[1] else f"; its base is {bases[0]!r}, this module's "
+                    f"{bases[1]!r} (the residual of that init scheme)")
             raise ValueError(f"adapter at {path!r} is a {type(theirs).__name__} of rank "
                              f"{theirs.r} with {theirs.hparams()}, expected a "
                              f"{type(mine).__name__} of rank {mine.r} with {mine.hparams()} "
-                             "(this module's kind and settings)")
+                             f"(this module's kind and settings){base}")
         for n, (_, x) in zip(names, pairs):
             old = node[n]
             if tuple(x.shape) != tuple(old.shape):
