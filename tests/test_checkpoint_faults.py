@@ -657,7 +657,28 @@ def worker(process_id: int, port: int, tmp: str, out: str) -> None:
                        multihost_utils.process_allgather(b, tiled=True))
         for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(sharded)))
 
-    # 4. The path is locked (by another host): only process 0 looks, every process raises.
+    # 4. A Manager step whose array file process 1 sees truncated, restored on the mesh.
+    import shutil as sh
+
+    run, damaged = os.path.join(tmp, "run"), os.path.join(tmp, "run_damaged")
+    with checkpoint.Manager(run) as mngr:
+        mngr.save(1, lora=sharded)
+    if process_id == 0:
+        sh.copytree(run, damaged)
+        for root, _, names in os.walk(os.path.join(damaged, "1", "lora")):
+            for name in names:
+                if os.path.basename(root) == "d":  # the array data
+                    with open(os.path.join(root, name), "r+b") as fh:
+                        fh.truncate(16)
+    multihost_utils.sync_global_devices("damaged")
+
+    def restore():
+        with checkpoint.Manager(damaged if process_id else run) as mngr:
+            mngr.restore(mesh=mesh, specs=specs)
+
+    record("truncated_step_on_one_process", restore)
+
+    # 5. The path is locked (by another host): only process 0 looks, every process raises.
     if process_id == 0:
         _write_lock(path + ".lock", _lock_of({"host": "trainer-other-host-7", "pid": 1}))
     multihost_utils.sync_global_devices("locked")
@@ -683,6 +704,8 @@ def test_a_failure_on_one_process_fails_every_process(tmp_path):
         "truncated_file_on_one_process": ("ValueError", ["on process 1", "truncated"]),
         "failed_write_on_one_process": ("CheckpointStorageError",
                                         ["on process 1", "file-size limit", "is intact"]),
+        "truncated_step_on_one_process": ("CheckpointError", ["on process 1",
+                                                              "cannot be read"]),
         "locked_path": ("CheckpointBusyError", ["on process 0", "trainer-other-host-7"]),
     }
     print("GGUF bytes read per process:", [(r[n]["bytes_read"], r[n]["total"]) for r in
@@ -693,7 +716,9 @@ def test_a_failure_on_one_process_fails_every_process(tmp_path):
             assert r[name]["bytes_read"] < 0.55 * r[name]["total"], (name, r[name])
     for name, (kind, words) in expect.items():
         assert r0[name]["error"] == r1[name]["error"] == kind, (name, r0[name], r1[name])
-        assert r0[name]["message"] == r1[name]["message"], (name, r0[name], r1[name])
+        # (process 1 reads its own copy of the damaged step: the outer words name it)
+        agreed = [r[name]["message"].split(" failed on process ", 1)[1] for r in (r0, r1)]
+        assert agreed[0] == agreed[1], (name, r0[name], r1[name])
         for word in words:
             assert word in r0[name]["message"], (name, word, r0[name]["message"])
     assert r0["previous_adapter_kept"] and r1["previous_adapter_kept"]

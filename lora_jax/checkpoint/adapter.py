@@ -173,7 +173,7 @@ def check_fit(abstract: dict, like: PyTree | None, base: PyTree | None, where: s
 # Save, read, load
 
 
-def _checkpointer() -> ocp.Checkpointer:
+def agreed_checkpointer() -> ocp.Checkpointer:
     """An Orbax Checkpointer whose handler's saves and restores fail on every process
     together: a write or read that fails on one process would otherwise leave the others at
     Orbax's next barrier (:mod:`lora_jax.checkpoint.collective`)."""
@@ -229,7 +229,7 @@ def save_adapter(path: str | os.PathLike, lora: PyTree, *, meta: Any = None,
     info, arrays = adapter_meta(lora, meta, "save_adapter")
 
     def write(target: str) -> None:
-        with _checkpointer() as ck:
+        with agreed_checkpointer() as ck:
             ck.save(target, ocp.args.Composite(adapter=ocp.args.JsonSave(info),
                                                arrays=ocp.args.StandardSave(as_dict(arrays))))
 
@@ -264,7 +264,7 @@ def _read_info(path: str) -> tuple[dict, str]:
     item = "state" if train else "adapter"
 
     def read():
-        with _checkpointer() as ck:
+        with agreed_checkpointer() as ck:
             return ck.restore(path, ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
 
     info = files.orbax_read(f"the metadata of {path}", read)
@@ -318,7 +318,7 @@ def _restore_arrays(path: str, item: str, abstract: dict) -> dict:
     flat, where = R.flat_fields(abstract)
 
     def read():
-        with _checkpointer() as ck:
+        with agreed_checkpointer() as ck:
             return ck.restore(path, ocp.args.Composite(
                 **{item: ocp.args.StandardRestore(flat)}))[item]
 

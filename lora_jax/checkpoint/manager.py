@@ -27,6 +27,7 @@ from lora_jax.checkpoint.adapter import (
     FORMAT_VERSION,
     TRAIN_FORMAT,
     adapter_meta,
+    agreed_checkpointer,
     array_meta,
     as_dict,
     check_fit,
@@ -241,8 +242,8 @@ class Manager:
         info = check_format(state.get("adapter"), f"step {step}")
         abstract = R.abstract_lora(info, R.lora_shardings({}, None, None)[0], f"step {step}")
         flat, _ = R.flat_fields(abstract)
-        got = files.orbax_read(f"step {step}", lambda: self._mngr.restore(
-            step, args=ocp.args.Composite(lora=ocp.args.StandardRestore(flat))))
+        got = files.orbax_read(f"step {step}", lambda: self._restore_items(
+            step, {"lora": ocp.args.StandardRestore(flat)}))
         jax.block_until_ready(dict(got["lora"]))
 
     def __enter__(self):
@@ -260,11 +261,18 @@ class Manager:
         """The JSON metadata of a step: adapter info, structures, user meta."""
         step = self._step(step)
         where = f"checkpoint step {step} in {self.directory}"
-        state = files.orbax_read(f"the metadata of {where}", lambda: self._mngr.restore(
-            step, args=ocp.args.Composite(state=ocp.args.JsonRestore()))["state"])
+        state = files.orbax_read(f"the metadata of {where}", lambda: self._restore_items(
+            step, {"state": ocp.args.JsonRestore()})["state"])
         if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
             raise CheckpointError(f"{where} is not a lora_jax train state")
         return state
+
+    def _restore_items(self, step: int, items: dict) -> Any:
+        """Orbax's restore of ``items`` of a step, failing on every process together (a
+        damaged file seen by one process would leave the others at Orbax's barrier)."""
+        with agreed_checkpointer() as ck:
+            return ck.restore(os.path.join(self.directory, str(step)),
+                              ocp.args.Composite(**items))
 
     def _step(self, step):
         if step is not None:
@@ -418,8 +426,8 @@ class Manager:
                 raise rd.error(name, f"the tree uses {len(by_id)} of its {len(shapes)} arrays")
             args[name] = ocp.args.StandardRestore(as_dict(
                 [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=by_id[id(x)]) for x in shapes]))
-        got = files.orbax_read(f"the arrays of {where}", lambda: self._mngr.restore(
-            step, args=ocp.args.Composite(**args)))
+        got = files.orbax_read(f"the arrays of {where}", lambda: self._restore_items(
+            step, args))
 
         leaves = {p: {} for p in abstract}
         for (p, name), key in zip(where_lora, flat_lora):
