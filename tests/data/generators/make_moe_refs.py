@@ -24,6 +24,11 @@ Writes under ``tests/data/moe/``:
 ``lora_jax.peft.save``) with ``PeftModel.from_pretrained`` on the reference model and compares
 its logits for ``io.npz``'s ids with ``FOLDER/logits.npy`` (lora_jax's logits of the same
 adapter), printing the largest difference relative to max |logit|.
+
+``make_moe_refs.py --legacy FOLDER`` writes an adapter in older transformers' per-expert module
+layout (``mlp.experts.{j}.{gate,up,down}_proj`` and the dense layer's ``mlp.{gate,up,down}_proj``,
+r=2, lora_alpha=6, random factors) to FOLDER and PEFT's logits for it
+(``FOLDER/peft_logits.npy``): PEFT 0.21 converts it for transformers 5's fused experts.
 """
 
 from __future__ import annotations
@@ -133,8 +138,45 @@ def check(folder: str) -> None:
                       "adapter_change": float(np.abs(base - want).max() / scale)}))
 
 
+def legacy(folder: str) -> None:
+    from safetensors.torch import save_file
+
+    model = Qwen3MoeForCausalLM.from_pretrained(os.path.join(OUT, "model")).eval()
+    cfg = model.config
+    gen = torch.Generator().manual_seed(11)
+    f, d, ffn = cfg.moe_intermediate_size, cfg.hidden_size, cfg.intermediate_size
+    tensors = {}
+    for i in range(cfg.num_hidden_layers):
+        if i in cfg.mlp_only_layers:
+            mods = {f"model.layers.{i}.mlp.{p}": s
+                    for p, s in (("gate_proj", (ffn, d)), ("up_proj", (ffn, d)),
+                                 ("down_proj", (d, ffn)))}
+        else:
+            mods = {f"model.layers.{i}.mlp.experts.{j}.{p}": s for j in range(cfg.num_experts)
+                    for p, s in (("gate_proj", (f, d)), ("up_proj", (f, d)),
+                                 ("down_proj", (d, f)))}
+        for name, (n_out, n_in) in mods.items():
+            key = "base_model.model." + name
+            tensors[key + ".lora_A.weight"] = 0.3 * torch.randn((2, n_in), generator=gen)
+            tensors[key + ".lora_B.weight"] = 0.3 * torch.randn((n_out, 2), generator=gen)
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+    with open(os.path.join(folder, "adapter_config.json"), "w") as fh:
+        json.dump({"peft_type": "LORA", "r": 2, "lora_alpha": 6, "lora_dropout": 0.0,
+                   "target_modules": ["gate_proj", "up_proj", "down_proj"], "bias": "none"}, fh)
+    pmodel = peft.PeftModel.from_pretrained(model, folder).eval()
+    ids = torch.from_numpy(np.load(os.path.join(OUT, "io.npz"))["input_ids"])
+    with torch.no_grad():
+        np.save(os.path.join(folder, "peft_logits.npy"), pmodel(ids).logits.float().numpy())
+    conv = pmodel.peft_config["default"]
+    print(json.dumps({"target_modules": sorted(conv.target_modules or []),
+                      "target_parameters": sorted(conv.target_parameters or [])}))
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--check":
         check(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == "--legacy":
+        legacy(sys.argv[2])
     else:
         main()
