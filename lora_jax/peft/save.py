@@ -69,6 +69,19 @@ def _module_tensors(t: Target, leaf: L.LowRankLeaf, idx, sl, dtype) -> dict[str,
             **{k: cast(v) for k, v in m.items()}}
 
 
+def _fold_scales(tensors: dict[str, np.ndarray], scales: Mapping[str, float],
+                 common: float) -> None:
+    """Multiplies each module's ``lora_B`` by ``scale / common``, so that the one scale
+    ``common`` gives every module its own update."""
+    for name, scale in scales.items():
+        key = next(k for k in (f"{PREFIX}{name}.lora_B.weight", f"{PREFIX}{name}.lora_embedding_B")
+                   if k in tensors)
+        if scale != common:
+            b = tensors[key]
+            tensors[key] = np.ascontiguousarray(
+                (b.astype(np.float64) * (scale / common)).astype(b.dtype))
+
+
 def save(
     directory: str | os.PathLike,
     lora: PyTree,
@@ -76,6 +89,9 @@ def save(
     name_map: NameMap = None,
     dtype=None,
     extra_config: Mapping[str, Any] | None = None,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+    for_servers: bool = False,
 ) -> dict[str, Any]:
     """Writes ``lora`` as a PEFT adapter directory (``adapter_config.json`` +
     ``adapter_model.safetensors``) that ``PeftModel.from_pretrained`` loads.
@@ -96,6 +112,16 @@ def save(
         ``base_model_name_or_path``, AdaLoRA's ``total_step``/``tinit``/``tfinal``, ...);
         fields that the tree determines (``r``, ``lora_alpha``, ``target_modules``, ...) may not
         be set here.
+      base_model_name_or_path: the base model's Hugging Face id or folder, written to the
+        config (llama.cpp's ``convert_lora_to_gguf.py`` reads the base config from it).
+      task_type: PEFT's ``task_type`` (``"CAUSAL_LM"`` for a language model); default None, or
+        ``"CAUSAL_LM"`` with ``for_servers``.
+      for_servers: write a folder that vLLM and SGLang load with the same outputs as PEFT.
+        They apply one scale, ``lora_alpha / r`` of the config, to every module and ignore
+        ``alpha_pattern`` (SGLang ignores ``use_rslora`` too, and both refuse DoRA): each
+        module's own scale is folded into its ``lora_B``, ``use_rslora`` is false, and
+        modules of another rank get the ``alpha_pattern`` entry that gives PEFT the same
+        scale. LoRA leaves only.
 
     Returns:
       The config written.
@@ -104,7 +130,8 @@ def save(
       ValueError: a path the map does not name, two paths with one module name, per-module
         ``rslora`` values that differ (PEFT has one ``use_rslora``), AdaLoRA modules with
         different ``init_r``/alpha/``target_r`` (PEFT has one of each), or a protected field in
-        ``extra_config``. NotImplementedError: an AdaLoRA conv/embedding, a fused conv.
+        ``extra_config``, a DoRA or AdaLoRA tree with ``for_servers``. NotImplementedError:
+        an AdaLoRA conv/embedding, a fused conv.
     """
     lmap = L.leaves(lora)
     if not lmap:
@@ -114,6 +141,13 @@ def save(
         raise TypeError(f"save: expected only LoRA or only AdaLoRA leaves, got "
                         f"{sorted({type(x).__name__ for x in lmap.values()})}")
     ada = peft_types == {"ADALORA"}
+    if for_servers:
+        kinds = sorted({x.kind for x in lmap.values() if x.peft_type != "LORA" or x.peft_config})
+        if kinds:
+            raise ValueError(f"save: for_servers writes plain LoRA (vLLM and SGLang load no "
+                             f"other kind), but the tree holds {kinds} adapters")
+        task_type = "CAUSAL_LM" if task_type is None else task_type
+    scales: dict[str, float] = {}
     fn = resolve(name_map)
     expert_part = experts.save_part(lmap, name_map, dtype)  # PEFT's target_parameters
     tensors: dict[str, np.ndarray] = dict(expert_part.tensors)
@@ -137,6 +171,7 @@ def save(
                 tensors[f"{PREFIX}{name}.{k}"] = v
             hp = leaf.hparams()
             ranks[name], alphas[name] = leaf.r, float(hp["alpha"])
+            scales[name] = float(leaf.scale)
             rslora[name], dropout[name] = hp.get("rslora", False), leaf.dropout
     kinds = {json.dumps(x.peft_config, sort_keys=True) for x in lmap.values()}
     if len(kinds) > 1:
@@ -151,7 +186,7 @@ def save(
     alphas.update(expert_part.alphas)
     rslora.update(expert_part.rslora)
     cfg: dict[str, Any] = dict(
-        task_type=None, base_model_name_or_path=None, inference_mode=True,
+        task_type=task_type, base_model_name_or_path=base_model_name_or_path, inference_mode=True,
         target_modules=names, bias="none",
         lora_dropout=_most_common(list(dropout.values())) if dropout else 0.0,
         fan_in_fan_out=False, init_lora_weights=True, use_dora=False, modules_to_save=None,
@@ -180,6 +215,14 @@ def save(
         cfg.update(peft_type="ADALORA", r=8, init_r=leaf.r, target_r=leaf.hparams()["target_r"],
                    lora_alpha=_num(leaf.hparams()["alpha"]), rank_pattern=None, alpha_pattern={},
                    use_rslora=False, **_ADALORA_DEFAULTS)
+    elif for_servers:
+        r, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))
+        _fold_scales(tensors, scales, alpha / r)
+        cfg.update(peft_type="LORA", r=r, lora_alpha=_num(alpha),
+                   rank_pattern=patterns(ranks, r),
+                   alpha_pattern={k: _num(v) for k, v in patterns(
+                       {n: alpha * rank / r for n, rank in ranks.items()}, alpha).items()},
+                   use_rslora=False)
     else:
         if len(set(rslora.values())) > 1:
             on = sorted(n for n, v in rslora.items() if v)
