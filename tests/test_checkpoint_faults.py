@@ -1,5 +1,6 @@
-"""Faults at scale: one writer per checkpoint path, storage errors in words, and failures on one
-process of a multi-process program raised on every process instead of a hang.
+"""Faults at scale: one writer per checkpoint path, storage errors in words, failures on one
+process of a multi-process program raised on every process instead of a hang, saving on
+SIGTERM, resuming after a process is killed mid-save, and GGUF tensors read by rows.
 
 Child processes (``python tests/test_checkpoint_faults.py <mode> ...``) play the second
 writer, the process under a file-size limit or without write permission, and the two
