@@ -152,7 +152,9 @@ def _dot_inner(cfg: Config, eqn, invals, wi, t: Tagged, x, params):
     elif cfg.unmerged:
         note(cfg, t.path, "dot_general", "fast-unmerged" + tag)
         y = fast_dot.dropout_dot_general(x, x, t.base, lin, spec)
-    elif fast_dot.few_rows(x.shape, spec):  # decode, small batches: merging costs more
+    elif lin is t.lora and fast_dot.few_rows(x.shape, spec):
+        # Decode, small batches: merging costs more. (DoRA's column norms need the merged
+        # weight whatever the rows.)
         note(cfg, t.path, "dot_general", "fast-unmerged" + tag)
         y = fast_dot.unmerged_dot_general(x, t.base, lin, spec)
     else:
