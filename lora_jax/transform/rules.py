@@ -3,7 +3,9 @@
 A view (cast, reshape, transpose, constant slice) records the op and follows the weight's
 kernel axes (:mod:`lora_jax.layouts`). A ``dot_general`` whose contracted, batch and free
 dims on the weight map onto the adapter's input, stack and output axes takes the fast
-LoRA matmul (:mod:`lora_jax.fast_dot`); a row lookup takes ``A[ids]·B``.
+LoRA matmul (:mod:`lora_jax.fast_dot`; unmerged when the use has few rows); a
+``ragged_dot_general`` over a stack of experts takes grouped matmuls with the adapter
+unmerged (:mod:`lora_jax.grouped_dot`); a row lookup takes ``A[ids]·B``.
 """
 
 from __future__ import annotations
