@@ -12,10 +12,12 @@ A Dense kernel ``(in, out)`` is ``"io"``; Gemma's ``q_einsum`` ``(N, D, H)`` use
 axis as a ``dot_general`` batch dimension is ``"sio"``.
 
 :func:`trace` learns every weight's layout from how a model function uses it, by reading the
-function's jaxpr: the axes a ``dot_general`` (or ``conv_general_dilated``) contracts on the
-weight are its input axes, the axes that are batch dimensions of that use, or that a ``scan``
-slices, or that the model indexes with a constant, are stack axes, and the rest are output
-axes, wherever each sits in the shape. Weights read by ``gather`` are embeddings.
+function's jaxpr: the axes a ``dot_general`` (or ``conv_general_dilated``, or
+``ragged_dot_general``) contracts on the weight are its input axes, the axes that are batch
+dimensions of that use, or its expert (group) axis, or that a ``scan`` slices, or that the
+model indexes with a constant or picks per token (``w[expert_ids]``), are stack axes, and the
+rest are output axes, wherever each sits in the shape. Weights read by a row lookup
+(``gather``) are embeddings.
 
 >>> import jax, jax.numpy as jnp
 >>> from lora_jax.layouts import trace

@@ -3,7 +3,9 @@
 A view (cast, reshape, transpose, constant slice) records the op and follows the weight's
 kernel axes (:mod:`lora_jax.layouts`). A ``dot_general`` whose contracted, batch and free
 dims on the weight map onto the adapter's input, stack and output axes takes the fast
-LoRA matmul (:mod:`lora_jax.fast_dot`); a row lookup takes ``A[ids]·B``.
+LoRA matmul (:mod:`lora_jax.fast_dot`; unmerged when the use has few rows); a
+``ragged_dot_general`` over a stack of experts takes grouped matmuls with the adapter
+unmerged (:mod:`lora_jax.grouped_dot`); a row lookup takes ``A[ids]·B``.
 """
 
 from __future__ import annotations
@@ -152,7 +154,9 @@ def _dot_inner(cfg: Config, eqn, invals, wi, t: Tagged, x, params):
     elif cfg.unmerged:
         note(cfg, t.path, "dot_general", "fast-unmerged" + tag)
         y = fast_dot.dropout_dot_general(x, x, t.base, lin, spec)
-    elif fast_dot.few_rows(x.shape, spec):  # decode, small batches: merging costs more
+    elif lin is t.lora and fast_dot.few_rows(x.shape, spec):
+        # Decode, small batches: merging costs more. (DoRA's column norms need the merged
+        # weight whatever the rows.)
         note(cfg, t.path, "dot_general", "fast-unmerged" + tag)
         y = fast_dot.unmerged_dot_general(x, t.base, lin, spec)
     else:
