@@ -277,7 +277,7 @@ def _forward_cost(params, lora, x, **kw):
 
 @pytest.mark.parametrize("rows,merges", [(2, False), (64, True)])
 def test_few_rows_take_the_unmerged_form_with_equal_values_and_grads(rows, merges):
-    params = {"w": rnd(0, (64, 48), 0.2)}  # crossover: rows * (64 + 48) < 64 * 48 -> 27
+    params = {"w": rnd(0, (64, 48), 0.2)}  # unmerged iff 4 * rows * (64 + 48) < 64 * 48
     x = rnd(1, (1, rows, 64))
     lora = init_lora(params, r=4)
     assert lora_jax.report(_dense_layer, params, lora, x)["w"].routes == ["fast"]
