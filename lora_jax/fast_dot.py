@@ -292,18 +292,22 @@ def few_rows(x_shape, spec: DotSpec) -> bool:
     contracted and ``N`` free weight elements: merging costs ``2·C·N·r`` (forward, and again
     when the backward pass recomputes the merged weight), the unmerged low-rank term
     ``2·M·r·(C + N)`` (forward, and about the same for ``dx`` in the backward pass); the
-    base matmul is common to both. Unmerged wins iff ``M·(C + N) < C·N``. Kernels under
-    ``MIN_UNMERGED`` elements per block stay merged: there the merge is a few thousand
-    FLOPs, less than the cost of the extra matmuls themselves.
+    base matmul is common to both: unmerged saves FLOPs iff ``M·(C + N) < C·N``. It is
+    taken only where it saves at least ``UNMERGED_MARGIN`` times: near the crossover the
+    two thin matmuls run slower per FLOP and keep more buffers alive (measured on
+    ``benchmarks/qlora.py``'s wide model, 256 rows of 1024-wide kernels: 3% fewer FLOPs,
+    12% more peak memory for QLoRA). Kernels under ``MIN_UNMERGED`` elements per block
+    stay merged: there the merge costs less than the extra matmuls themselves.
     """
     lay = spec.layout
     rows = math.prod(n for d, n in enumerate(x_shape)
                      if d not in spec.x_contract and d not in spec.x_batch)
     c, n = math.prod(lay.c_shape), math.prod(lay.f_shape)
-    return c * n >= MIN_UNMERGED and rows * (c + n) < c * n
+    return c * n >= MIN_UNMERGED and UNMERGED_MARGIN * rows * (c + n) < c * n
 
 
 MIN_UNMERGED = 1024  # kernel elements per block below which few rows still merge
+UNMERGED_MARGIN = 4  # the FLOP saving the unmerged form must reach
 
 
 def base_dot_general(x, base, *, ops, w_is_lhs, params):

@@ -266,12 +266,22 @@ def _dense_layer(p, x):
     return jnp.einsum("btd,df->btf", x, p["w"])
 
 
-@pytest.mark.parametrize("rows,route", [(2, "fast-unmerged"), (64, "fast")])
-def test_few_rows_take_the_unmerged_form_with_equal_values_and_grads(rows, route):
-    params = {"w": rnd(0, (64, 48), 0.2)}  # crossover: rows * (64 + 48) < 64 * 48 -> 27
+def _forward_cost(params, lora, x, **kw):
+    """Compiled forward FLOPs, and whether a dot forms the (64, 48) merged weight."""
+    f = jax.jit(lora_jax.apply(_dense_layer, **kw))
+    compiled = f.lower(params, lora, x).compile()
+    formed = any("f32[64,48]" in line and "dot(" in line
+                 for line in compiled.as_text().splitlines())
+    return compiled.cost_analysis()["flops"], formed
+
+
+@pytest.mark.parametrize("rows,merges", [(2, False), (64, True)])
+def test_few_rows_take_the_unmerged_form_with_equal_values_and_grads(rows, merges):
+    params = {"w": rnd(0, (64, 48), 0.2)}  # unmerged iff 4 * rows * (64 + 48) < 64 * 48
     x = rnd(1, (1, rows, 64))
     lora = init_lora(params, r=4)
-    assert lora_jax.report(_dense_layer, params, lora, x)["w"].routes == [route]
+    assert lora_jax.report(_dense_layer, params, lora, x)["w"].routes == ["fast"]
+    assert _forward_cost(params, lora, x)[1] == merges
     check_merged(_dense_layer, params, lora, x, tol=2e-5, gtol=2e-4)
 
 
@@ -279,15 +289,8 @@ def test_few_rows_compile_without_the_merged_weight():
     params = {"w": rnd(0, (64, 48), 0.2)}
     lora = init_lora(params, r=4)
     x = rnd(1, (1, 2, 64))
-
-    def cost(**kw):
-        f = jax.jit(lora_jax.apply(_dense_layer, **kw))
-        compiled = f.lower(params, lora, x).compile()
-        formed = any("f32[64,48]" in line and "dot(" in line
-                     for line in compiled.as_text().splitlines())
-        return compiled.cost_analysis()["flops"], formed
-
-    (flops_fast, formed_fast), (flops_merged, formed_merged) = cost(), cost(mode="merged")
+    flops_fast, formed_fast = _forward_cost(params, lora, x)
+    flops_merged, formed_merged = _forward_cost(params, lora, x, mode="merged")
     assert formed_merged and not formed_fast
     assert flops_fast < 0.5 * flops_merged, (flops_fast, flops_merged)
 
@@ -298,5 +301,6 @@ def test_few_rows_on_a_quantized_base():
     dense = {"w": base["w"].dequantize()}
     lora = init_lora(params, r=4)
     x = rnd(1, (1, 2, 64))
-    assert lora_jax.report(_dense_layer, base, lora, x)["w"].routes == ["fast-unmerged"]
+    assert lora_jax.report(_dense_layer, base, lora, x)["w"].routes == ["fast"]
+    assert not _forward_cost(base, lora, x)[1]
     check_merged(_dense_layer, base, lora, x, ref_params=dense, tol=2e-5, gtol=2e-4)

@@ -12,9 +12,11 @@ class Use:
     Attributes:
       primitive: the JAX primitive that reads the weight (``"dot_general"``, ``"gather"``,
         ``"scan"``, ...).
-      route: ``"fast"`` (the dW-free LoRA matmul), ``"fast-dropout"`` (its unmerged form
-        with LoRA dropout), ``"fast-unmerged"`` (``x·W0 + s·(x·A)·B``, for uses with few
-        rows, where merging costs more: decode, small batches), any of them with
+      route: ``"fast"`` (the dW-free LoRA matmul: one matmul with the merged weight, or
+        ``x·W0 + s·(x·A)·B`` unmerged where the use has so few rows that merging costs more,
+        see :func:`lora_jax.fast_dot.few_rows`), ``"fast-dropout"`` (its unmerged form with
+        LoRA dropout), ``"fast-unmerged"`` (the unmerged form for per-example adapters),
+        any of them with
         ``"+rescale"`` for a kind that rescales output units after it (DoRA), ``"grouped"``
         / ``"grouped-dropout"`` (a ``ragged_dot_general`` over a stack of experts as grouped
         matmuls, the adapter never merged), ``"gather"`` (``A[ids]·B`` for an embedding
