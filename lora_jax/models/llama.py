@@ -866,7 +866,7 @@ def from_safetensors(path: str | os.PathLike | TensorFiles, config: LlamaConfig 
         tied config whose checkpoint stores a different ``lm_head.weight``.
     """
     check_param_dtype(dtype, "from_safetensors")
-    files = path if isinstance(path, TensorFiles) else TensorFiles(path)
+    files = path if isinstance(path, TensorFiles) else streaming.open_files(path)
     folder = os.fspath(path) if not isinstance(path, TensorFiles) else \
         os.path.dirname(files.files[0])
     if config is None:

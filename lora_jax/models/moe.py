@@ -575,7 +575,7 @@ def from_safetensors(path: str | os.PathLike | TensorFiles, config: MoeConfig | 
       ValueError: a tensor missing, unexpected, or of the wrong shape, by name; a config key
         this model does not implement.
     """
-    files = path if isinstance(path, TensorFiles) else TensorFiles(path)
+    files = path if isinstance(path, TensorFiles) else streaming.open_files(path)
     folder = os.fspath(path) if not isinstance(path, TensorFiles) else \
         os.path.dirname(files.files[0])
     if config is None:

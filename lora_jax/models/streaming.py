@@ -195,6 +195,13 @@ def load(abstract: Any, sources: Mapping[str, Source], *, quantize: str | Mappin
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def open_files(path: Any) -> TensorFiles:
+    """``TensorFiles(path)`` (a folder, a file or a list of files), opened on every process:
+    a missing, damaged or truncated file seen by one process raises on all of them (naming
+    the process), so none goes on to wait at a collective the failed one never reaches."""
+    return _together(f"opening {path!r}", lambda: TensorFiles(path))
+
+
 def _together(what: str, fn: Callable[[], Any]) -> Any:
     """``fn()``, its failure on any process raised on every process (naming the process)
     before the next collective: on a pod, the others would otherwise wait for it forever."""
