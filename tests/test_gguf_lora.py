@@ -200,6 +200,61 @@ def test_smollm2_adapter_equals_llama_cpp_merge(tmp_path):
     assert rel_err(jax.jit(model.apply)(base, tokens), want) > 1e-3
 
 
+def test_llama_cpp_runs_the_adapter(tmp_path):
+    """llama.cpp itself (llama-cpp-python) applies the file: its logits equal lora_jax's.
+
+    Skipped without llama-cpp-python (it builds llama.cpp from source; not in the project's
+    environment). The model has a byte-level vocabulary so that llama.cpp accepts it; the KV
+    cache is float32 so that llama.cpp's own rounding stays below the tolerance."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from lora_jax.models.tokenizer import bytes_to_unicode
+
+    vocab = ["<|endoftext|>"] + [bytes_to_unicode()[b] for b in range(256)]
+    cfg = L.LlamaConfig(**{**TINY.__dict__, "vocab": len(vocab), "d": 64, "head_dim": None,
+                           "ffn": 128, "max_len": 64})
+    weights = gguf_weights(random_variables(cfg, 5), cfg)
+    w = gguf.GGUFWriter(str(tmp_path / "base.gguf"), "llama")
+    w.add_block_count(cfg.layers)
+    w.add_context_length(cfg.max_len)
+    w.add_embedding_length(cfg.d)
+    w.add_feed_forward_length(cfg.ffn)
+    w.add_head_count(cfg.heads)
+    w.add_head_count_kv(cfg.kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.d // cfg.heads)
+    w.add_layer_norm_rms_eps(cfg.rms_eps)
+    w.add_vocab_size(cfg.vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(vocab)
+    w.add_token_types([3] + [1] * (len(vocab) - 1))
+    w.add_token_merges(["a b"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    for name, x in weights.items():
+        w.add_tensor(name, np.ascontiguousarray(x, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cfg, base = G.load_llama(str(tmp_path / "base.gguf"))
+    lora = tiny_lora(base, seed=6)
+    gguf_lora.save(tmp_path / "adapter.gguf", lora, cfg)
+    tokens = np.random.default_rng(7).integers(1, cfg.vocab, 9)
+
+    def llama_cpp_logits(**kw):
+        llm = llama_cpp.Llama(str(tmp_path / "base.gguf"), n_ctx=32, logits_all=True,
+                              verbose=False, n_threads=1, type_k=0, type_v=0, **kw)
+        llm.eval(tokens.tolist())
+        return np.array(llm.scores[: len(tokens)], np.float64)
+
+    model = L.Llama(cfg)
+    want = adapted_logits(model, base, lora, jnp.asarray(tokens)[None])[0]
+    got = llama_cpp_logits(lora_path=str(tmp_path / "adapter.gguf"))
+    assert rel_err(got, want) < 1e-4
+    assert rel_err(llama_cpp_logits(), want) > 1e-2  # without the adapter: far off
+
+
 # --------------------------------------------------------------------------- bad input
 
 
