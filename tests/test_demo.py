@@ -60,6 +60,13 @@ def test_demo_moe_tiny(tmp_path, capsys):
     cfg = json.loads((tmp_path / "lora" / "peft" / "adapter_config.json").read_text())
     assert sorted(cfg["target_parameters"]) == ["model.layers.0.mlp.experts.down_proj",
                                                 "model.layers.0.mlp.experts.gate_up_proj"]
+    assert "mlp.gate" not in json.dumps(cfg["target_modules"])  # the router stays frozen
+    from safetensors.numpy import load_file
+
+    for method in ("lora", "qlora"):  # the experts' B factors (zero at init) were trained
+        tensors = load_file(tmp_path / method / "peft" / "adapter_model.safetensors")
+        expert_b = [v for k, v in tensors.items() if ".experts." in k and "lora_B" in k]
+        assert len(expert_b) == 2 and all(abs(v).max() > 0 for v in expert_b), method
     for _, n, size, t, peak, before, after in rows:
         assert n > 0 and size > 0 and t > 0 and peak > 0 and before > 0 and after > 0
     assert rows[1][1] < rows[0][1]  # LoRA trains fewer parameters than full fine-tuning

@@ -133,6 +133,8 @@ def run(methods=METHODS, *, pretrain_steps: int = 300, steps: int = 150, rank: i
                 double = per_expert % (QUANT_BLOCK * DOUBLE_QUANT_GROUP) == 0
                 base = lora_jax.quantize(params, "nf4", block_size=QUANT_BLOCK,
                                          double_quant=double, layouts=layouts)
+                print(f"qlora: NF4 base, blocks of {QUANT_BLOCK} within each expert, double "
+                      f"quantization {'on' if double else 'off (an expert fills no whole group)'}")
             n_kernels = check_experts_grouped(model, base, trainable, tok0)
             n_expert = expert_parameter_count(trainable)
             print(f"{method}: {lora_jax.param_count(trainable):,} trainable parameters, "
