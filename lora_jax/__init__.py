@@ -29,7 +29,7 @@ from lora_jax.transform import LoraFallbackError, Report, Use, WeightReport, app
 
 __version__ = "0.1.0"
 
-_EDGE_MODULES = ("checkpoint", "demo", "models", "nnx", "peft", "sharding")
+_EDGE_MODULES = ("checkpoint", "demo", "interop", "models", "nnx", "peft", "sharding")
 
 
 def __getattr__(name: str):
@@ -59,6 +59,7 @@ __all__ = [
     "dequantize_tree",
     "dora",
     "init",
+    "interop",
     "is_quantized",
     "loftq",
     "loraplus",

@@ -28,6 +28,9 @@ from jax import lax  # noqa: E402
 
 import lora_jax  # noqa: E402
 
+# Reference generators run in a PyTorch environment of their own (tests/data/README.md).
+collect_ignore_glob = ["data/*"]
+
 BF16 = jnp.bfloat16
 
 

@@ -2,5 +2,6 @@
 
 from lora_jax.models.gpt import GPT, GPTConfig
 from lora_jax.models.llama import Llama, LlamaConfig
+from lora_jax.models.moe import MoeConfig, MoeModel
 
-__all__ = ["GPT", "GPTConfig", "Llama", "LlamaConfig"]
+__all__ = ["GPT", "GPTConfig", "Llama", "LlamaConfig", "MoeConfig", "MoeModel"]

@@ -217,10 +217,10 @@ class LoRA(nnx.Module):
 
 
 def _split(model: Any, rngs: Any, who: str):
-    if not hasattr(nnx, "data"):  # nnx.data, Variable.get_value/set_value: flax 0.12
+    if not (hasattr(nnx, "data") and hasattr(nnx.Variable, "get_value")):  # flax 0.12.1
         import flax
 
-        raise ImportError(f"{who} needs flax >= 0.12 (installed: {flax.__version__}); "
+        raise ImportError(f"{who} needs flax >= 0.12.1 (installed: {flax.__version__}); "
                           "lora_jax.nnx.functional works with older versions")
     if isinstance(model, LoRA):
         raise TypeError(f"{who}: model is a lora_jax.nnx.LoRA already; wrap the plain model "

@@ -84,7 +84,7 @@ FIELDS: dict[str, tuple[str, Any, tuple[str, ...], str]] = {
     "layer_replication": (DEFAULT_ONLY, None, _ALL, "replicated base layers"),
     "runtime_config": (IGNORED, None, _ALL, "runtime only; PEFT drops it on load"),
     "lora_bias": (DEFAULT_ONLY, False, _ALL, "a bias on lora_B"),
-    "target_parameters": (HONOURED, None, _LORA,
+    "target_parameters": (HONOURED, None, _ALL,
                           "LoRA on 3-D expert parameters (lora_jax.peft.experts)"),
     "use_bdlora": (DEFAULT_ONLY, None, _ALL, "block-diagonal factors"),
     "arrow_config": (DEFAULT_ONLY, None, _ALL, "Arrow routing between adapters"),
