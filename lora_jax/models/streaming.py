@@ -205,6 +205,8 @@ def open_files(path: Any) -> TensorFiles:
 def _together(what: str, fn: Callable[[], Any]) -> Any:
     """``fn()``, its failure on any process raised on every process (naming the process)
     before the next collective: on a pod, the others would otherwise wait for it forever."""
+    if jax.process_count() == 1:  # nothing to agree on (and orbax stays unimported)
+        return fn()
     from lora_jax.checkpoint.collective import run_everywhere
 
     return run_everywhere(what, fn)

@@ -97,9 +97,12 @@ def quantize_streamed(like: QuantizedArray, read: Read, *, path: str = "<array>"
 
     # A NaN or a failed read on one process fails every process here, before the gather of
     # the scales below, which would otherwise wait for it forever.
-    from lora_jax.checkpoint.collective import run_everywhere
+    if jax.process_count() == 1:  # nothing to agree on (and orbax stays unimported)
+        codes, absmax = local()
+    else:
+        from lora_jax.checkpoint.collective import run_everywhere
 
-    codes, absmax = run_everywhere(f"quantizing {path} while loading", local)
+        codes, absmax = run_everywhere(f"quantizing {path} while loading", local)
     if like.absmax2 is None:
         return like.replace(codes=codes, absmax=absmax)
     # The offset is the mean of every block's scale: gather them all, then quantize them.
