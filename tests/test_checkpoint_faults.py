@@ -792,7 +792,12 @@ def worker(process_id: int, port: int, tmp: str, out: str) -> None:
         mngr.wait()
 
     record("failed_async_manager_write_on_one_process", save_async)
+    sync = checkpoint.Manager(os.path.join(tmp, "run_sync"), async_save=False)
+    record("failed_sync_manager_write_on_one_process", lambda: sync.save(
+        1, lora=twice, opt_state=opt))
     resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    report["sync_steps_after_failure"] = sync.steps
+    sync.close()
     report["async_steps_after_failure"] = mngr.steps
     got = mngr.restore(mesh=mesh, specs=specs, opt_state=opt)
     mngr.close()
@@ -825,6 +830,8 @@ def test_a_failure_on_one_process_fails_every_process(tmp_path):
         "failed_async_manager_write_on_one_process": (
             "CheckpointStorageError", ["on process 1", "file-size limit",
                                        "latest complete step 1 is intact"]),
+        "failed_sync_manager_write_on_one_process": (
+            "CheckpointStorageError", ["on process 1", "file-size limit", "Nothing was saved"]),
     }
     print("GGUF bytes read per process:", [(r[n]["bytes_read"], r[n]["total"]) for r in
                                            (r0, r1) for n in ("gguf_dense", "gguf_nf4")])
@@ -842,6 +849,7 @@ def test_a_failure_on_one_process_fails_every_process(tmp_path):
     assert r0["previous_adapter_kept"] and r1["previous_adapter_kept"]
     for r in (r0, r1):
         assert r["async_steps_after_failure"] == [1], r["async_steps_after_failure"]
+        assert r["sync_steps_after_failure"] == [], r["sync_steps_after_failure"]
         assert r["async_previous_step_kept"]
 
 
