@@ -455,9 +455,19 @@ def test_a_missing_or_blocked_directory_is_a_clear_error(tmp_path):
     with pytest.raises(checkpoint.CheckpointStorageError) as e:
         mngr.save(2, lora=_adapter(2))
     msg = str(e.value)
-    assert f"{run} does not exist any more" in msg and "[1]" in msg, msg
+    assert f"{run} was removed or moved" in msg and "[1]" in msg, msg
     assert not os.path.exists(tmp_path / "parent")  # nothing was created again
     mngr.close()
+    # ... or replaced by a new, empty one.
+    run = tmp_path / "replaced"
+    with checkpoint.Manager(run, async_save=False) as mngr:
+        mngr.save(1, lora=_adapter(1))
+        os.rename(run, tmp_path / "old")
+        os.mkdir(run)
+        with pytest.raises(checkpoint.CheckpointStorageError,
+                           match="and a new one is in its place"):
+            mngr.save(2, lora=_adapter(2))
+    assert os.listdir(run) == []
     # ... or while a step is being written (the writers' error is about the missing files).
     run = tmp_path / "parent2" / "run"
     with checkpoint.Manager(run, async_save=False) as mngr:

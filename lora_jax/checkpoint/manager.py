@@ -198,7 +198,7 @@ class Manager:
                                      wait=lock.wait_seconds(wait, "Manager: wait"))
         self._locked = False  # this Manager holds the lock (on every process' view)
         self._saving: list[int] = []  # steps started since the last wait
-        self._steps_before: list[int] = []  # the complete steps when the first of them began
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the directory
         self._interval = save_interval_steps
         self._async = async_save
         # Old steps are renamed out of the way (atomic) instead of deleted in place: a process
@@ -265,15 +265,23 @@ class Manager:
         self._mngr.reload()
 
     def _check_directory(self, during: str = "") -> None:
-        """Raises if ``self.directory`` is gone (it or a parent was removed after this Manager
-        opened it): Orbax would create it again and save into an empty run silently."""
-        if os.path.isdir(self.directory):
+        """Raises if ``self.directory`` is gone, or is another directory than the one this
+        Manager saved into (it or a parent was removed or moved, and maybe created again):
+        Orbax would create it again and save into an empty run silently."""
+        try:
+            st = os.stat(self.directory)
+            identity = (st.st_dev, st.st_ino) if os.path.isdir(self.directory) else None
+        except OSError:
+            identity = None
+        if identity is not None and self._identity in (None, identity):
+            self._identity = identity
             return
-        was = sorted(self._mngr.all_steps())
+        was = [s for s in self.steps if s not in self._saving]
         raise storage.CheckpointStorageError(
-            f"Manager.save: the checkpoint directory {self.directory} does not exist any more "
-            f"(it, or a parent, was removed after this Manager opened it{during}). Nothing was "
-            f"saved, and the steps it held ({was}) are gone with it. Open a new Manager to "
+            f"Manager.save: the checkpoint directory {self.directory} was removed or moved "
+            f"(it, or a parent) after this Manager opened it{during}"
+            f"{'' if identity is None else ', and a new one is in its place'}. Nothing was "
+            f"saved, and the steps it held ({was}) are gone from it. Open a new Manager to "
             "start a run there again.")
 
     def _unlock(self) -> None:
@@ -293,23 +301,19 @@ class Manager:
             raise self._storage_error(e) from e
 
     def _storage_error(self, error: Exception) -> Exception:
-        known, self._saving = self._steps_before, []
-
-        def check_directory() -> None:  # removed (or moved), maybe recreated by the writers
-            lost = [s for s in known
-                    if not os.path.isdir(os.path.join(self.directory, str(s)))]
-            if lost or not os.path.isdir(self.directory):
+        def check_directory() -> None:  # removed or moved, maybe recreated by the writers
+            try:
+                self._check_directory(", during the save")
+            except storage.CheckpointStorageError as e:
                 raise storage.CheckpointStorageError(
-                    f"Manager.save: the checkpoint directory {self.directory} was removed or "
-                    f"moved (it, or a parent) during the save; nothing was saved, and the "
-                    f"steps it held ({known}) are gone from it. Open a new Manager to start a "
-                    f"run there again. (Orbax said: {type(error).__name__}: "
-                    f"{str(error)[:400]})")
+                    f"{e} (Orbax said: {type(error).__name__}: {str(error)[:400]})") from e
 
         try:
             collective.run_everywhere("Manager.save", check_directory)
         except storage.CheckpointStorageError as gone:
+            self._saving = []
             return gone
+        self._saving = []
         if jax.process_index() == 0:
             for name in os.listdir(self.directory):
                 if ".orbax-checkpoint-tmp" in name:  # the failed step's partial files
@@ -465,8 +469,6 @@ class Manager:
         def save():
             nonlocal started
             self._check_directory()
-            if not self._saving:
-                self._steps_before = self.steps
             self._saving.append(step)
             started = self._mngr.save(step, args=ocp.args.Composite(**args), force=force)
 
