@@ -392,6 +392,99 @@ def test_a_damaged_previous_adapter_is_not_called_intact(tmp_path, monkeypatch):
     assert "could not be read again" in str(e.value) and "intact" not in str(e.value)
 
 
+def _truncate_data(directory: str) -> int:
+    """Truncates every array data file (``.../d/*``) under ``directory``; returns how many."""
+    count = 0
+    for root, _, names in os.walk(directory):
+        for name in names:
+            if os.path.basename(root) == "d":
+                with open(os.path.join(root, name), "r+b") as fh:
+                    fh.truncate(8)
+                count += 1
+    return count
+
+
+def _failing_orbax_save(mngr, error: Exception, before=None):
+    """Makes the Orbax save of ``mngr`` raise ``error`` (after ``before()``)."""
+    def save(*args, **kwargs):
+        if before is not None:
+            before()
+        raise error
+
+    mngr._mngr.save = save
+
+
+def test_a_damaged_optimizer_state_of_the_latest_step_is_not_called_intact(tmp_path):
+    import optax
+
+    from lora_jax import checkpoint
+
+    run = str(tmp_path / "run")
+    lora = _adapter(1)
+    opt = optax.adam(1e-2).init(lora)
+    with checkpoint.Manager(run, async_save=False) as mngr:
+        mngr.save(1, lora=lora, opt_state=opt)
+    assert _truncate_data(os.path.join(run, "1", "opt_state")) > 0  # the adapter is whole
+    with checkpoint.Manager(run, async_save=False) as mngr:
+        _failing_orbax_save(mngr, ValueError('OUT_OF_RANGE: Failed writing: "/d/x": File too '
+                                             'large'))
+        with pytest.raises(checkpoint.CheckpointStorageError) as e:
+            mngr.save(2, lora=lora, opt_state=opt)
+    msg = str(e.value)
+    assert "file-size limit" in msg and "step 1 could not be read again" in msg, msg
+    assert "is intact" not in msg, msg
+
+
+def test_a_missing_or_blocked_directory_is_a_clear_error(tmp_path):
+    from lora_jax import checkpoint
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    for make in (lambda p: checkpoint.Manager(p),
+                 lambda p: checkpoint.save_adapter(p, _adapter(1))):
+        with pytest.raises(NotADirectoryError) as e:
+            make(str(blocker / "sub" / "run"))
+        assert f"{blocker} is a file, not a directory" in str(e.value), str(e.value)
+    # The parent of a Manager's directory is moved away between two saves: Orbax would
+    # create an empty directory again and list steps that are gone.
+    run = tmp_path / "parent" / "run"
+    mngr = checkpoint.Manager(run)
+    mngr.save(1, lora=_adapter(1))
+    mngr.wait()
+    os.rename(tmp_path / "parent", tmp_path / "moved")
+    with pytest.raises(checkpoint.CheckpointStorageError) as e:
+        mngr.save(2, lora=_adapter(2))
+    msg = str(e.value)
+    assert f"{run} was removed or moved" in msg and "[1]" in msg, msg
+    assert not os.path.exists(tmp_path / "parent")  # nothing was created again
+    mngr.close()
+    # ... or replaced by a new, empty one.
+    run = tmp_path / "replaced"
+    with checkpoint.Manager(run, async_save=False) as mngr:
+        mngr.save(1, lora=_adapter(1))
+        os.rename(run, tmp_path / "old")
+        os.mkdir(run)
+        with pytest.raises(checkpoint.CheckpointStorageError,
+                           match="and a new one is in its place"):
+            mngr.save(2, lora=_adapter(2))
+    assert os.listdir(run) == []
+    # ... or while a step is being written (the writers' error is about the missing files).
+    run = tmp_path / "parent2" / "run"
+    with checkpoint.Manager(run, async_save=False) as mngr:
+        mngr.save(1, lora=_adapter(1))
+        missing = str(run / "2.orbax-checkpoint-tmp" / "lora")
+        _failing_orbax_save(mngr, FileNotFoundError(errno.ENOENT, "No such file or directory",
+                                                    missing),
+                            before=lambda: os.rename(tmp_path / "parent2",
+                                                     tmp_path / "moved2"))
+        with pytest.raises(checkpoint.CheckpointStorageError) as e:
+            mngr.save(2, lora=_adapter(2))
+    msg = str(e.value)
+    assert f"{run} was removed or moved" in msg and "[1]" in msg and missing in msg, msg
+    with checkpoint.Manager(tmp_path / "moved2" / "run") as mngr:
+        assert mngr.steps == [1] and _same(mngr.restore().lora, _adapter(1))
+
+
 # ----------------------------------------------------------------------------------------
 # Preemption: SIGTERM saves the current step, the restarted job resumes from it
 
@@ -689,6 +782,38 @@ def worker(process_id: int, port: int, tmp: str, out: str) -> None:
     multihost_utils.sync_global_devices("locked")
     record("locked_path", lambda: checkpoint.save_adapter(path, twice, overwrite=True))
 
+    # 6. An asynchronous Manager.save whose write fails on process 1 only (a file-size limit
+    # there): both raise the same error, none waits at Orbax's barriers; step 1 restores.
+    import optax
+
+    opt = optax.adam(1e-2).init(lora)
+    opt = jax.tree.map(lambda x: x + jnp.asarray(rng.standard_normal(x.shape), x.dtype)
+                       if jnp.issubdtype(x.dtype, jnp.floating) else x + 3, opt)
+    opt = jax.device_put(opt, S.named(mesh, S.state_specs(opt, specs)))
+    run2 = os.path.join(tmp, "run_async")
+    mngr = checkpoint.Manager(run2)
+    mngr.save(1, lora=sharded, opt_state=opt)
+    mngr.wait()
+    if process_id == 1:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+
+    def save_async():
+        mngr.save(2, lora=twice, opt_state=opt)
+        mngr.wait()
+
+    record("failed_async_manager_write_on_one_process", save_async)
+    sync = checkpoint.Manager(os.path.join(tmp, "run_sync"), async_save=False)
+    record("failed_sync_manager_write_on_one_process", lambda: sync.save(
+        1, lora=twice, opt_state=opt))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    report["sync_steps_after_failure"] = sync.steps
+    sync.close()
+    report["async_steps_after_failure"] = mngr.steps
+    got = mngr.restore(mesh=mesh, specs=specs, opt_state=opt)
+    mngr.close()
+    report["async_previous_step_kept"] = got.step == 1 and _gathered(got.lora) == _gathered(
+        sharded) and _gathered(got.opt_state) == _gathered(opt)
+
     with open(out, "w") as fh:
         json.dump(report, fh)
     jax.distributed.shutdown()
@@ -712,6 +837,11 @@ def test_a_failure_on_one_process_fails_every_process(tmp_path):
         "truncated_step_on_one_process": ("CheckpointError", ["on process 1",
                                                               "cannot be read"]),
         "locked_path": ("CheckpointBusyError", ["on process 0", "trainer-other-host-7"]),
+        "failed_async_manager_write_on_one_process": (
+            "CheckpointStorageError", ["on process 1", "file-size limit",
+                                       "latest complete step 1 is intact"]),
+        "failed_sync_manager_write_on_one_process": (
+            "CheckpointStorageError", ["on process 1", "file-size limit", "Nothing was saved"]),
     }
     print("GGUF bytes read per process:", [(r[n]["bytes_read"], r[n]["total"]) for r in
                                            (r0, r1) for n in ("gguf_dense", "gguf_nf4")])
@@ -727,6 +857,10 @@ def test_a_failure_on_one_process_fails_every_process(tmp_path):
         for word in words:
             assert word in r0[name]["message"], (name, word, r0[name]["message"])
     assert r0["previous_adapter_kept"] and r1["previous_adapter_kept"]
+    for r in (r0, r1):
+        assert r["async_steps_after_failure"] == [1], r["async_steps_after_failure"]
+        assert r["sync_steps_after_failure"] == [], r["sync_steps_after_failure"]
+        assert r["async_previous_step_kept"]
 
 
 # ----------------------------------------------------------------------------------------

@@ -65,12 +65,21 @@ def agree(what: str, error: BaseException | None) -> None:
         record[0] = _code(error)
         record[1:1 + len(text)] = np.frombuffer(text, np.uint8)
     table = np.asarray(multihost_utils.process_allgather(record))
-    failed = [i for i in range(table.shape[0]) if table[i, 0]]
+    outcomes = [(int(table[i, 0]), bytes(table[i, 1:].astype(np.uint8)).rstrip(b"\0").decode(
+        errors="replace")) for i in range(table.shape[0])]
+    _raise_agreed(what, outcomes, error)
+
+
+def _raise_agreed(what: str, outcomes: list[tuple[int, str]],
+                  error: BaseException | None) -> None:
+    """Raises the first failure of ``outcomes`` (per process: kind code, 0 if none, and
+    text) as the same error on every process; returns if none failed."""
+    failed = [i for i, (code, _) in enumerate(outcomes) if code]
     if not failed:
         return
     first = failed[0]
-    kind = _kinds()[int(table[first, 0]) - 1]
-    text = bytes(table[first, 1:].astype(np.uint8)).rstrip(b"\0").decode(errors="replace")
+    kind = _kinds()[outcomes[first][0] - 1]
+    text = outcomes[first][1]
     also = f" (and on process{'es' if len(failed) > 2 else ''} {failed[1:]})" \
         if len(failed) > 1 else ""
     agreed = kind(f"{what} failed on process {first}{also}: {text}")
@@ -78,6 +87,43 @@ def agree(what: str, error: BaseException | None) -> None:
     if error is not None:
         raise agreed from error
     raise agreed
+
+
+def agree_by_key(what: str, key: str, error: BaseException | None,
+                 timeout_s: float) -> None:
+    """:func:`agree` through the coordinator's key-value store instead of a collective, so
+    that a background thread (Orbax's asynchronous commit) can call it while the main thread
+    runs collectives of its own. Every process calls it once with the same unique ``key``.
+
+    Raises:
+      as :func:`agree`; a :class:`CheckpointError` on every process still waiting if some
+      process has not reported after ``timeout_s`` seconds (it died or hangs).
+    """
+    if jax.process_count() == 1:
+        if error is not None:
+            raise error
+        return
+    if error is not None and getattr(error, "lora_jax_agreed", False):
+        raise error
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:
+        raise CheckpointError(f"{what}: jax.distributed is not initialized")
+    me = jax.process_index()
+    text = "" if error is None else f"{type(error).__name__}: {error}"[:_MESSAGE_BYTES]
+    client.key_value_set(f"{key}/{me}", f"{_code(error) if error is not None else 0}:{text}")
+    outcomes = []
+    for i in range(jax.process_count()):
+        try:
+            value = client.blocking_key_value_get(f"{key}/{i}", int(timeout_s * 1000))
+        except Exception as e:  # noqa: BLE001 - a timeout, in words
+            raise CheckpointError(
+                f"{what}: process {i} did not report its outcome within {timeout_s:.0f} s "
+                f"(it died or hangs); this process' own outcome: {text or 'done'}") from e
+        code, _, message = value.partition(":")
+        outcomes.append((int(code), message))
+    _raise_agreed(what, outcomes, error)
 
 
 def run_everywhere(what: str, fn: Callable[[], _T]) -> _T:

@@ -122,6 +122,20 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def check_creatable(path: str, what: str) -> None:
+    """Raises a clear error if the directory ``path`` cannot be created because something on
+    its way is a regular file (missing parents are created, as Orbax does)."""
+    ancestor = path
+    while not os.path.lexists(ancestor):
+        parent = os.path.dirname(ancestor)
+        if parent == ancestor:
+            return
+        ancestor = parent
+    if ancestor != path and not os.path.isdir(ancestor):
+        raise NotADirectoryError(
+            f"{what}: cannot create {path}: {ancestor} is a file, not a directory")
+
+
 def write_dir(path: str, write: Callable[[str], None], *, overwrite: bool, what: str,
               wait: float = 0.0, verify: Callable[[str], None] | None = None) -> None:
     """Creates the directory ``path`` with ``write(target)``, replacing an existing one atomically.
@@ -140,11 +154,18 @@ def write_dir(path: str, write: Callable[[str], None], *, overwrite: bool, what:
 
     Raises:
       FileExistsError: ``path`` exists and ``overwrite`` is False, or is a file.
+      NotADirectoryError: a parent of ``path`` is a regular file.
       CheckpointBusyError: another writer holds the lock.
     """
     first = jax.process_index() == 0
     writer = lock.WriterLock(f"{path}.lock", path, wait=wait)
-    collective.run_everywhere(what, writer.acquire if first else lambda: None)
+
+    def acquire() -> None:
+        check_creatable(path, what)
+        if first:
+            writer.acquire()
+
+    collective.run_everywhere(what, acquire)
     try:
         _write_locked(path, write, overwrite=overwrite, what=what, verify=verify)
     finally:

@@ -11,6 +11,7 @@ earlier step).
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 from typing import Any, NamedTuple
@@ -40,6 +41,56 @@ PyTree = Any
 ON_EXISTING = ("error", "overwrite")
 _TRASH = "_deleted"  # dropped steps wait here (unlisted) until removed
 _ITEMS = ("opt_state", "adalora", "rng")  # what a train state holds besides the adapter
+AGREE_TIMEOUT_S = 600.0  # how long a process waits for the others' write outcome
+_WRITES = itertools.count()  # every process numbers its Managers' writes alike
+
+
+class _AgreedCommit:
+    """Orbax commit futures whose outcome every process agrees on before Orbax's barriers:
+    ``result()`` waits for this process' writes, then exchanges the outcome through the
+    coordinator (:func:`~lora_jax.checkpoint.collective.agree_by_key`), so a write that
+    fails on one process raises on all instead of leaving them at ``async_write_complete``.
+    """
+
+    def __init__(self, futures: list, key: str, what: str):
+        self._futures, self._key, self._what = futures, key, what
+
+    def result(self, timeout: float | None = None) -> None:
+        error = None
+        try:
+            for f in self._futures:
+                f.result(timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - shared, then raised on every process
+            error = e
+        collective.agree_by_key(self._what, self._key, error, AGREE_TIMEOUT_S)
+
+    def cancel(self) -> None:
+        for f in self._futures:
+            if hasattr(f, "cancel"):
+                f.cancel()
+
+
+def _agree_writes(handler: Any, directory: str) -> None:
+    """Makes the writes of an Orbax handler fail on every process together (multi-process
+    runs): the start of each write (directories, metadata) is agreed at once, its array
+    writes when they finish, in Orbax's background thread, still asynchronously. The cost
+    is one exchange of a few bytes through the coordinator per write, twice."""
+    start = handler.async_save
+
+    async def agreed_async_save(path: Any, *args: Any, **kwargs: Any) -> list:
+        key = f"lora_jax/manager_write/{next(_WRITES)}"
+        step = os.path.basename(os.fspath(path)).split(".")[0]
+        what = f"Manager.save: writing step {step} in {directory}"
+        try:
+            futures = await start(path, *args, **kwargs) or []
+        except Exception as e:  # noqa: BLE001 - shared, then raised on every process
+            collective.agree_by_key(what, key + "/start", e, AGREE_TIMEOUT_S)
+            raise AssertionError("unreachable") from e
+        collective.agree_by_key(what, key + "/start", None, AGREE_TIMEOUT_S)
+        futures = [f for f in jax.tree.leaves(futures) if f is not None]
+        return [_AgreedCommit(futures, key + "/commit", what)]
+
+    handler.async_save = agreed_async_save
 
 
 def _check_storable(item: str, tree: PyTree) -> None:
@@ -117,7 +168,7 @@ class Manager:
 
     Raises:
       ValueError: ``directory`` is an adapter, one step of a Manager, or a PEFT folder; a bad
-        option. NotADirectoryError: ``directory`` is a file.
+        option. NotADirectoryError: ``directory`` or one of its parents is a file.
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
@@ -137,6 +188,7 @@ class Manager:
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise NotADirectoryError(f"Manager: {self.directory} is a file; a Manager needs a "
                                      "directory")
+        files.check_creatable(self.directory, "Manager")
         if os.path.isdir(self.directory):
             why = files.not_ours(self.directory, "manager")
             if why:
@@ -145,7 +197,10 @@ class Manager:
         self._lock = lock.WriterLock(os.path.join(self.directory, ".lock"), self.directory,
                                      wait=lock.wait_seconds(wait, "Manager: wait"))
         self._locked = False  # this Manager holds the lock (on every process' view)
+        self._saving: list[int] = []  # steps started since the last wait
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the directory
         self._interval = save_interval_steps
+        self._async = async_save
         # Old steps are renamed out of the way (atomic) instead of deleted in place: a process
         # killed half-way through an rmtree would otherwise leave a listed, broken step.
         options = ocp.CheckpointManagerOptions(
@@ -153,6 +208,8 @@ class Manager:
             keep_period=keep_period, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True, create=True, todelete_subdir=_TRASH)
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
+        if jax.process_count() > 1:
+            _agree_writes(self._mngr._checkpointer.handler, self.directory)
         self._empty_trash()
 
     def _empty_trash(self) -> None:
@@ -179,6 +236,7 @@ class Manager:
         """
         try:
             self._finish(self._mngr.wait_until_finished)
+            self._saving = []
         finally:
             self._unlock()
 
@@ -194,12 +252,37 @@ class Manager:
         if self._locked:
             return
         first = jax.process_index() == 0
-        collective.run_everywhere("Manager.save", self._lock.acquire if first else
-                                  lambda: None)
+
+        def acquire() -> None:
+            self._check_directory()  # before the lock would create it again
+            if first:
+                self._lock.acquire()
+
+        collective.run_everywhere("Manager.save", acquire)
         self._locked = True
         # The steps another writer may have saved since we last looked (none of ours is in
         # flight: the lock is released only once our saves are on disk).
         self._mngr.reload()
+
+    def _check_directory(self, during: str = "") -> None:
+        """Raises if ``self.directory`` is gone, or is another directory than the one this
+        Manager saved into (it or a parent was removed or moved, and maybe created again):
+        Orbax would create it again and save into an empty run silently."""
+        try:
+            st = os.stat(self.directory)
+            identity = (st.st_dev, st.st_ino) if os.path.isdir(self.directory) else None
+        except OSError:
+            identity = None
+        if identity is not None and self._identity in (None, identity):
+            self._identity = identity
+            return
+        was = [s for s in self.steps if s not in self._saving]
+        raise storage.CheckpointStorageError(
+            f"Manager.save: the checkpoint directory {self.directory} was removed or moved "
+            f"(it, or a parent) after this Manager opened it{during}"
+            f"{'' if identity is None else ', and a new one is in its place'}. Nothing was "
+            f"saved, and the steps it held ({was}) are gone from it. Open a new Manager to "
+            "start a run there again.")
 
     def _unlock(self) -> None:
         if self._locked and jax.process_index() == 0:
@@ -218,6 +301,19 @@ class Manager:
             raise self._storage_error(e) from e
 
     def _storage_error(self, error: Exception) -> Exception:
+        def check_directory() -> None:  # removed or moved, maybe recreated by the writers
+            try:
+                self._check_directory(", during the save")
+            except storage.CheckpointStorageError as e:
+                raise storage.CheckpointStorageError(
+                    f"{e} (Orbax said: {type(error).__name__}: {str(error)[:400]})") from e
+
+        try:
+            collective.run_everywhere("Manager.save", check_directory)
+        except storage.CheckpointStorageError as gone:
+            self._saving = []
+            return gone
+        self._saving = []
         if jax.process_index() == 0:
             for name in os.listdir(self.directory):
                 if ".orbax-checkpoint-tmp" in name:  # the failed step's partial files
@@ -237,14 +333,31 @@ class Manager:
                                    f"the latest complete step {latest}", intact)
 
     def _read_whole(self, step: int) -> None:
-        """Reads every array of ``step`` onto this host (a check that it is intact)."""
+        """Reads every array of ``step`` onto this host: the adapter and every stored item
+        (optimizer, AdaLoRA state, PRNG keys), after its metadata (a check that it is intact).
+        """
         state = self.metadata(step)
-        info = check_format(state.get("adapter"), f"step {step}")
-        abstract = R.abstract_lora(info, R.lora_shardings({}, None, None)[0], f"step {step}")
+        where = f"step {step}"
+        info = check_format(state.get("adapter"), where)
+        device = R.lora_shardings({}, None, None)[0]
+        abstract = R.abstract_lora(info, device, where)
         flat, _ = R.flat_fields(abstract)
-        got = files.orbax_read(f"step {step}", lambda: self._restore_items(
-            step, {"lora": ocp.args.StandardRestore(flat)}))
-        jax.block_until_ready(dict(got["lora"]))
+        args: dict = {"lora": ocp.args.StandardRestore(flat)}
+        rd = codec.Reader(where)
+        stored = state.get("items")
+        if not isinstance(stored, dict):
+            raise rd.error("items", f"expected a dict of items, got {stored!r}")
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        for name, item in stored.items():
+            arrays = item.get("arrays") if isinstance(item, dict) else None
+            if not isinstance(arrays, list):
+                raise rd.error(name, "an item needs 'tree' and 'arrays'")
+            if arrays:
+                args[name] = ocp.args.StandardRestore(as_dict(
+                    [codec.shape_dtype(a, rd, f"{name}/arrays/{i}", sharding=one)
+                     for i, a in enumerate(arrays)]))
+        got = files.orbax_read(where, lambda: self._restore_items(step, args))
+        jax.block_until_ready({name: dict(got[name]) for name in args})
 
     def __enter__(self):
         return self
@@ -309,7 +422,8 @@ class Manager:
           CheckpointBusyError: another writer holds the directory's lock (after ``wait``).
           CheckpointStorageError: storage stopped this save, or an earlier asynchronous one
             (the message names the file and the cause, and says whether the latest complete
-            step is intact: it is read again to check).
+            step is intact: it and every item it holds are read again to check); or
+            ``directory`` was removed (or a parent) after the Manager opened it.
           StepExistsError: (a ValueError) ``step`` exists or is not above the latest step,
             and ``on_existing`` is ``"error"``; nothing is written.
           TypeError: (before anything is written) a base weight such as a ``QuantizedArray``,
@@ -354,9 +468,13 @@ class Manager:
 
         def save():
             nonlocal started
+            self._check_directory()
+            self._saving.append(step)
             started = self._mngr.save(step, args=ocp.args.Composite(**args), force=force)
 
         self._finish(save)
+        if not self._async:
+            self._saving = []  # on disk already
         if not started and (force or step % self._interval == 0):
             raise RuntimeError(f"Manager.save: Orbax declined to save step {step} in "
                                f"{self.directory} (steps {self.steps})")

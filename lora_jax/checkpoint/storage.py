@@ -25,6 +25,12 @@ _CAUSES = {
     errno.EPERM: "the operation is not permitted (permissions)",
     errno.ENOENT: "a directory it writes into does not exist (removed during the save?)",
 }
+_ADVICE = {
+    errno.EROFS: "Save to a writable filesystem.",
+    errno.EACCES: "Make the directory writable by this process, then save again.",
+    errno.EPERM: "Make the directory writable by this process, then save again.",
+    errno.ENOENT: "Check that the directory still exists (and was not moved), then save again.",
+}
 # The C library's words for them, as TensorStore quotes them.
 _TEXTS = {
     "No space left on device": errno.ENOSPC,
@@ -112,5 +118,6 @@ def save_failed(what: str, path: str, exc: BaseException, previous: str | None,
     return CheckpointStorageError(
         f"{what} of {path}: writing{file} failed: {_CAUSES[code]} "
         f"[{errno.errorcode.get(code, code)}]. "
-        f"{state} Free space or raise the limit, then save again. (Orbax/TensorStore said: "
+        f"{state} {_ADVICE.get(code, 'Free space or raise the limit, then save again.')} "
+        f"(Orbax/TensorStore said: "
         f"{type(exc).__name__}: {str(exc)[:400]})")
