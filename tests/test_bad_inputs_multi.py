@@ -314,3 +314,30 @@ def test_load_peft_of_one_adapter_folder_says_so(tmp_path):
     peft.save(tmp_path / "one", ADS["x"])
     with pytest.raises(FileNotFoundError, match="is one PEFT adapter folder.*peft.load"):
         multi.load_peft(tmp_path / "one", PARAMS)
+
+
+@pytest.mark.parametrize("names", [["x", "x"], ["x"], [1, 2]])
+def test_stack_checkpoint_with_edited_names_is_refused(tmp_path, names):
+    """A stack read from a file whose slot names were edited (duplicated, too few, not
+    strings) would serve requests by the wrong names: refused where it is read."""
+    import json
+    import shutil
+
+    rng = np.random.default_rng(5)
+    params = {"params": {"fc": {"kernel": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)}}}
+    stack = lora_jax.stack({"x": lora_jax.init(params, r=2, key=jax.random.key(0)),
+                            "y": lora_jax.init(params, r=2, key=jax.random.key(1))})
+    folder = tmp_path / "stack"
+    lora_jax.checkpoint.save_adapter(folder, stack)
+    back = lora_jax.checkpoint.load_adapter(folder)  # unedited: loads, names kept
+    assert back["params"]["fc"]["kernel"].names == ("x", "y")
+    copy = tmp_path / "edited"
+    shutil.copytree(folder, copy)
+    meta = copy / "adapter" / "metadata"
+    info = json.loads(meta.read_text())
+    info["leaves"][0]["static"]["names"] = {"tuple": names}
+    meta.write_text(json.dumps(info))
+    with pytest.raises(lora_jax.checkpoint.CheckpointError,
+                       match=r"'params/fc/kernel': a stack of 2 adapters needs 2 unique string "
+                             r"names, got \("):
+        lora_jax.checkpoint.load_adapter(copy)

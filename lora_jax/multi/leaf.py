@@ -138,6 +138,16 @@ class StackedLora(LowRankLeaf):
     def hparams(self) -> dict[str, Any]:
         return {}
 
+    def check(self, where: str) -> None:
+        """The checks of every adapter leaf, and one unique string name per slot (a stack
+        read from a file whose names were edited would route requests by the wrong names)."""
+        super().check(where)
+        names = self.names
+        if (not isinstance(names, tuple) or len(names) != self.slots
+                or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names)):
+            raise ValueError(f"{where}: a stack of {self.slots} adapters needs {self.slots} "
+                             f"unique string names, got {names!r}")
+
     def slot(self, k: int) -> LoraWeight:
         """Slot ``k`` as a plain adapter of the padded rank with its scaling (``alpha = s·R``)."""
         r = self.slot_rank
