@@ -109,3 +109,39 @@ def test_grouped_off_range_rows_give_no_gradient():
     grads = jax.jit(jax.grad(loss))(STACK, jnp.array([5, -4, -1], jnp.int32))
     for leaf in jax.tree.leaves(grads):
         assert not np.any(np.asarray(leaf))
+
+
+def test_grouped_through_scan_and_remat_gradients_match_gather():
+    from lora_jax.models import gpt as G
+
+    cfg = G.GPTConfig(vocab=32, d=16, heads=2, layers=2, mlp=32, seq=6, scan=True, remat=True)
+    model = G.GPT(cfg)
+    tok = jax.random.randint(jax.random.key(0), (5, 6), 0, 32)
+    params = model.init(jax.random.key(1), tok)
+    layouts = lora_jax.trace(model.apply, params, tok)
+    stack = lora_jax.stack([jax.tree.map(lambda w, s=seed: w.replace(b=0.3 * jax.random.normal(
+        jax.random.key(s), w.b.shape)), lora_jax.init(params, r=2, key=jax.random.key(seed),
+                                                      layouts=layouts), is_leaf=is_lowrank)
+        for seed in (3, 4, 5)])
+    ids = jnp.array([1, -1, 0, 2, 1], jnp.int32)
+    tgt = jax.random.normal(jax.random.key(9), (5, 6, 32))
+
+    def loss(s, routing):
+        return jnp.sum(lora_jax.apply(model.apply)(params, s, tok, adapter_ids=ids,
+                                                   routing=routing) * tgt)
+
+    want = jax.jit(jax.value_and_grad(loss), static_argnums=1)(stack, "gather")
+    got = jax.jit(jax.value_and_grad(loss), static_argnums=1)(stack, "grouped")
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for w, g in zip(jax.tree.leaves(want[1]), jax.tree.leaves(got[1])):
+        assert w.ndim == 1 or np.any(np.asarray(w))
+        np.testing.assert_allclose(g, w, atol=5e-5, rtol=5e-5)
+
+
+def test_grouped_under_an_outer_vmap():
+    xs = jnp.stack([tokens(len(IDS), 2, 16), tokens(len(IDS), 2, 17)])
+    y = jax.jit(jax.vmap(lambda x, i: lora_jax.apply(mlp)(PARAMS, STACK, x, adapter_ids=i,
+                                                          routing="grouped"),
+                         in_axes=(0, None)))(xs, IDS)
+    for j in range(2):
+        np.testing.assert_allclose(y[j], reference(IDS, xs[j]), atol=3e-5, rtol=3e-5)

@@ -38,23 +38,64 @@ def _pick(i, u, v):
 
 def grouped_thin(x, i, u, v, spec: fast_dot.DotSpec):
     """``(x·U_i)·V_i`` for one example ``x`` and its slot ``i``, over per-slot views
-    ``u (K, *c, R)`` (scale folded in) and ``v (K, R, *f)``; grouped under ``vmap``."""
+    ``u (K, *c, R)`` (scale folded in) and ``v (K, R, *f)``; grouped under ``vmap``.
+
+    A ``custom_vjp`` whose forward and backward passes are each a ``custom_vmap``: autodiff
+    (under ``scan``, remat) never differentiates the batching rule itself."""
 
     def per_example(x, i, u, v):
         uu, vv = _pick(i, u, v)
         return fast_dot._thin(x, uu, vv, 1.0, spec)
 
+    def grouped_ok(in_batched):
+        return list(in_batched[:4]) == [True, True, False, False] and not spec.x_batch
+
     @custom_vmap
-    def f(x, i, u, v):
+    def forward(x, i, u, v):
         return per_example(x, i, u, v)
 
-    @f.def_vmap
-    def rule(axis_size, in_batched, x, i, u, v):
-        if list(in_batched) != [True, True, False, False] or spec.x_batch:
-            axes = [0 if b else None for b in in_batched]
-            return jax.vmap(per_example, in_axes=axes)(x, i, u, v), True
-        return _grouped(x, i, u, v, spec, per_example), True
+    @forward.def_vmap
+    def forward_rule(axis_size, in_batched, x, i, u, v):
+        axes = [0 if b else None for b in in_batched]
+        if grouped_ok(in_batched):
+            try:
+                return _grouped(x, i, u, v, spec, per_example), True
+            except NotImplementedError:  # ragged_dot under an outer vmap (not on axis 0)
+                pass
+        return jax.vmap(per_example, in_axes=axes)(x, i, u, v), True
 
+    def backward_one(x, i, u, v, dy):
+        return jax.vjp(lambda x, u, v: per_example(x, i, u, v), x, u, v)[1](dy)
+
+    @custom_vmap
+    def backward(x, i, u, v, dy):
+        return backward_one(x, i, u, v, dy)
+
+    @backward.def_vmap
+    def backward_rule(axis_size, in_batched, x, i, u, v, dy):
+        axes = [0 if b else None for b in in_batched]
+        if grouped_ok(in_batched) and in_batched[4]:
+            try:
+                grads = jax.vjp(lambda x, u, v: _grouped(x, i, u, v, spec, per_example),
+                                x, u, v)[1](dy)
+                return grads, (True, False, False)  # the stack's gradient summed over rows
+            except NotImplementedError:  # as in the forward rule
+                pass
+        return jax.vmap(backward_one, in_axes=axes)(x, i, u, v, dy), (True, True, True)
+
+    @jax.custom_vjp
+    def f(x, i, u, v):
+        return forward(x, i, u, v)
+
+    def fwd(x, i, u, v):
+        return forward(x, i, u, v), (x, i, u, v)
+
+    def bwd(res, dy):
+        x, i, u, v = res
+        dx, du, dv = backward(x, i, u, v, dy)
+        return dx, None, du, dv
+
+    f.defvjp(fwd, bwd)
     return f(x, i, u, v)
 
 
