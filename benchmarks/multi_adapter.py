@@ -12,7 +12,12 @@ on q, k, v, o, up, down; Adam. One table per run, the variants taking turns
   KV cache of 128, one adapter vs K=8;
 * memory: compiled peak of the train step and argument bytes for K = 1, 8, 64.
 
-    python benchmarks/multi_adapter.py [--steps 5] [--small]
+``--routes``: only the routings side by side (gather, onehot, grouped) on a smaller GPT (2
+layers, d=128, mlp 512), 64 rows, K = 8 and 64 adapters (ids ``row % K``): prefill (128
+tokens per row) and decode (one token per row, no cache), forward and train step; ratios to
+gather in each block.
+
+    python benchmarks/multi_adapter.py [--steps 5] [--small] [--routes]
 """
 
 from __future__ import annotations
@@ -46,7 +51,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--small", action="store_true", help="a tiny model (smoke test)")
+    ap.add_argument("--routes", action="store_true", help="only the routing comparison")
     args = ap.parse_args(argv)
+    if args.routes:
+        return routes(args.steps, args.small)
     if args.small:
         cfg, batch = GPTConfig(vocab=128, d=64, heads=4, layers=2, mlp=128, seq=32), 8
     else:
@@ -167,6 +175,57 @@ def main(argv=None):
     print(f"\ntrain step memory (gather), base {base_mib:.0f} MiB held once")
     print(fmt_table(["K", "adapter M params", "arguments MiB", "temporaries MiB",
                      "peak MiB"], mem))
+
+
+def routes(steps: int, small: bool):
+    """gather vs onehot vs grouped: K = 8, 64; prefill and decode; forward and train."""
+    cfg = GPTConfig(vocab=256, d=128, heads=4, layers=2, mlp=512, seq=128)
+    rows_n, ks = 64, (8, 64)
+    if small:
+        cfg, rows_n, ks = GPTConfig(vocab=64, d=32, heads=2, layers=1, mlp=64, seq=16), 16, (4,)
+    model = GPT(cfg)
+    tok = jax.random.randint(jax.random.key(0), (rows_n, cfg.seq), 0, cfg.vocab)
+    params = model.init(jax.random.key(1), tok)
+    f = lora_jax.apply(model.apply)
+    tx = optax.adam(1e-4)
+
+    def fwd(routing, ids):
+        return lambda s, _, base, t: (s, f(base, s, t, adapter_ids=ids, routing=routing))
+
+    def train(routing, ids):
+        def step(s, o, base, t):
+            def loss(s):
+                lg = f(base, s, t, adapter_ids=ids, routing=routing)
+                return jnp.mean(jax.vmap(lambda a, b: loss_fn(a[None], b[None]))(lg, t))
+            u, o = tx.update(jax.grad(loss)(s), o, s)
+            return optax.apply_updates(s, u), o
+        return step
+
+    labels, runs = [], []
+    for k in ks:
+        stack = lora_jax.stack(adapters(params, k, TARGETS))
+        ids = jnp.arange(rows_n, dtype=jnp.int32) % k
+        for case, t in (("prefill", tok), ("decode", tok[:, :1])):
+            y0 = jnp.zeros(t.shape + (cfg.vocab,))
+            for kind in ("forward", "train"):
+                for routing in multi.ROUTINGS:
+                    fn = fwd(routing, ids) if kind == "forward" else train(routing, ids)
+                    state = (stack, y0) if kind == "forward" else (stack, tx.init(stack))
+                    state = jax.tree.map(jnp.copy, state)
+                    runs.append((jax.jit(fn, donate_argnums=(0, 1)), state, (params, t)))
+                    labels.append((f"K={k} {case} {kind}", routing))
+    times = time_interleaved(runs, n_warmup=2, n_steps=steps)
+    table, by = [], {}
+    for (block, routing), t in zip(labels, times):
+        by.setdefault(block, {})[routing] = t
+    for block, t in by.items():
+        table.append([block] + [f"{t[r] * 1e3:.1f}" for r in multi.ROUTINGS]
+                     + [f"{t[r] / t['gather']:.2f}" for r in multi.ROUTINGS[1:]])
+    print(f"{jax.devices()[0].platform}, GPT d={cfg.d}, {cfg.layers} layers, {rows_n} rows "
+          f"(prefill {cfg.seq} tokens, decode 1), r=8 on q,k,v,o,up,down, ids row % K; median "
+          f"of {steps} interleaved steps")
+    print(fmt_table(["case"] + [f"{r} ms" for r in multi.ROUTINGS]
+                    + [f"{r}/gather" for r in multi.ROUTINGS[1:]], table))
 
 
 if __name__ == "__main__":

@@ -142,6 +142,9 @@ def _factor_views(leaf, lay: Layout, dtype):
 
 def lowrank(x, leaf, spec: DotSpec):
     """``s · dot_general(x, view(A·B))`` computed as two thin matmuls."""
+    routed = getattr(leaf, "routed_lowrank", None)  # routing="grouped" (lora_jax.multi)
+    if routed is not None:
+        return routed(x, spec)
     u, v = _factor_views(leaf, spec.layout, spec.view_dtype)
     return _thin(x, u, v, leaf.scale, spec)
 

@@ -296,8 +296,8 @@ def test_routing_keywords_need_adapter_ids_and_a_known_routing():
         F(PARAMS, ADS["x"], x, routing="onehot")  # would be ignored: one adapter for all rows
     with pytest.raises(TypeError, match="need adapter_ids="):
         F(PARAMS, ADS["x"], x, batch_axes=((0,), {}))
-    with pytest.raises(ValueError, match=r"routing must be one of \('gather', 'onehot'\), got "
-                                         "'Gather'"):
+    with pytest.raises(ValueError, match=r"routing must be one of \('gather', 'onehot', "
+                                         r"'grouped'\), got 'Gather'"):
         F(PARAMS, STACK, x, adapter_ids=[0, 1], routing="Gather")
 
 

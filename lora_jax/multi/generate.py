@@ -56,7 +56,7 @@ def generate(model, base: Any, stack: Any, tokens: jax.typing.ArrayLike, n: int,
       n: tokens to add, >= 1.
       adapter_ids: one adapter name or slot index per row, checked before the loop
         compiles (:func:`lora_jax.multi.adapter_ids`: count, range ``[-1, K)``, dtype).
-      routing: ``"gather"`` or ``"onehot"`` (:meth:`StackedLora.select`).
+      routing: ``"gather"``, ``"onehot"`` or ``"grouped"`` (:meth:`StackedLora.select`).
 
     Returns:
       (batch, time + n) int32. Swapping an adapter in ``stack`` (:func:`replace`) reuses

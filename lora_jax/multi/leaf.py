@@ -33,7 +33,7 @@ from jax import lax
 from lora_jax.leaves import LoraWeight, LowRankLeaf
 
 #: How a per-example adapter is picked out of the stack (see :meth:`StackedLora.select`).
-ROUTINGS = ("gather", "onehot")
+ROUTINGS = ("gather", "onehot", "grouped")
 
 
 @struct.dataclass
@@ -203,6 +203,8 @@ class StackedLora(LowRankLeaf):
           matmuls cost what one adapter costs;
         * ``"onehot"``: every slot's factors side by side, masked by the example's one-hot
           row (sglang-jax's einsum): K times the thin matmuls, no gather.
+        * ``"grouped"``: the rows sorted by slot, one ``ragged_dot`` per factor over the
+          whole stack (:mod:`lora_jax.multi.grouped`), unsorted back.
 
         Any ``i`` outside ``0..K-1`` (``-1``, or an out-of-range id that reached here traced,
         where it could not be checked) selects no adapter: the update is zero, the example
@@ -211,13 +213,25 @@ class StackedLora(LowRankLeaf):
         k, r = self.slots, self.slot_rank
         i = jnp.asarray(i, jnp.int32)
         scales = lax.stop_gradient(self.scales)
-        if routing == "gather":
+        if routing in ("gather", "grouped"):
             valid = (i >= 0) & (i < k)
             j = jnp.clip(i, 0, k - 1)  # a safe index; the slot is masked out unless valid
             s = jnp.where(valid, scales[j], 0.0).astype(self.a.dtype)
             a = jnp.where(valid, self.a[j] * s, jnp.zeros((), self.a.dtype))
             b = self.b[j]
             rank = r
+            if routing == "grouped":
+                from lora_jax.multi.grouped import GroupedLora
+                # The slot axis after the kernel's stack axes, and the id on every stack
+                # index, so that a scan over layers slices them as it slices a and b.
+                sa = self.stack_axes
+                slot_a = self.a * scales.astype(self.a.dtype).reshape(
+                    (k,) + (1,) * (self.a.ndim - 1))
+                return GroupedLora(a=a, b=b, alpha=float(rank), in_axes=self.in_axes,
+                                   stack_axes=sa, dropout=self.dropout, roles=self.roles,
+                                   slot_a=jnp.moveaxis(slot_a, 0, sa),
+                                   slot_b=jnp.moveaxis(self.b, 0, sa),
+                                   slot_id=jnp.broadcast_to(i, self.a.shape[1:1 + sa]))
         elif routing == "onehot":
             # one_hot is all zero for an id outside 0..K-1: no slot contributes.
             oh = jax.nn.one_hot(i, k, dtype=self.a.dtype) * scales.astype(self.a.dtype)

@@ -18,6 +18,11 @@ features): pass ``batch_axes=``, a prefix of ``(args, kwargs)`` as ``vmap``'s ``
 with the batch axis where ``fn`` itself puts it (found by comparing with ``fn``'s output for
 the whole batch).
 
+Routing (``routing=``): ``"gather"`` (the default), ``"onehot"`` or ``"grouped"``
+(:mod:`lora_jax.multi.grouped`), see :meth:`StackedLora.select`; all give the same values.
+Gather is the default everywhere: on XLA:CPU it was fastest at K = 8 and 64, prefill and
+decode, forward and train (``benchmarks/RESULTS.md``).
+
 Ids (:func:`lora_jax.multi.adapter_ids`): one per row; concrete ones are checked (range
 ``[-1, K)``, names, integer dtype). Traced ids (under ``jit``) cannot be: a row whose id is
 outside ``[-1, K)`` gets the base alone (its adapter update is masked to zero, in every

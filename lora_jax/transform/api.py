@@ -59,7 +59,8 @@ def apply(
       ``f(base, lora, *args, lora_rng=None, **kwargs)``; ``lora_rng`` drives LoRA dropout.
       With a stack of adapters (:func:`lora_jax.stack`) as ``lora``, pass
       ``adapter_ids=`` (one slot index or name per example, ``-1``/``"__base__"``: the base
-      alone), optionally ``batch_axes=`` and ``routing=`` (:mod:`lora_jax.multi.routing`).
+      alone), optionally ``batch_axes=`` and ``routing=`` (``"gather"``, the default;
+      ``"onehot"``; ``"grouped"``: :mod:`lora_jax.multi.routing`).
       Concrete ids are checked (a single id instead of one per row, float or bool ids, ids
       outside ``[-1, K)`` and names the stack lacks raise: :func:`lora_jax.multi.adapter_ids`);
       traced ids under ``jit`` cannot be, and a row whose id is outside ``[-1, K)`` gets the
